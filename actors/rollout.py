@@ -1,0 +1,116 @@
+"""The rollout engine: one vLLM engine that samples completions from the current student.
+
+Runs as a Ray actor in its own process. On CPU the engine runs in-process (no engine-core subprocess,
+eager mode), which starts in seconds; weights arrive as an HF-named state dict through the object store and
+go through the worker's `reload_weights` (the CPU worker prepacks linear weights, so `load_weights` alone
+would leave them stale).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process: fast start, direct weight access
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+}
+
+
+def engine_env(cpu_kv_cache_gib: int) -> dict[str, str]:
+    """Environment the rollout actor's process needs before `import vllm`."""
+    return {**ENGINE_ENV, "VLLM_CPU_KVCACHE_SPACE": str(cpu_kv_cache_gib)}
+
+
+class RolloutEngine:
+    """A vLLM engine behind a small interface: generate token ids with logprobs, load new weights."""
+
+    def __init__(self, model_path: str, cfg: dict, engine_index: int = 0):
+        for k, v in engine_env(cfg["rollout"]["cpu_kv_cache_gib"]).items():
+            os.environ.setdefault(k, v)
+        import torch
+        from vllm import LLM
+
+        from pipeline.config import Config
+
+        self.cfg = cfg = Config.model_validate(cfg)
+        on_gpu = torch.cuda.is_available()
+        dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        kwargs = dict(
+            model=model_path, dtype=dtype, seed=cfg.train.seed + engine_index, max_model_len=cfg.model.max_model_len,
+            enforce_eager=cfg.rollout.enforce_eager, distributed_executor_backend="uni",
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = cfg.rollout.gpu_memory_utilization
+            if cfg.sync.backend in ("nccl", "ipc"):
+                from .weight_sync_gpu import engine_kwargs
+
+                kwargs.update(engine_kwargs(cfg.sync.backend))
+        self.llm = LLM(**kwargs)
+        self.weight_version = 0
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+                 seeds: list[int] | None = None) -> list[dict]:
+        """Sample one completion per prompt; temperature 0 is greedy. Returns token ids, per-token sampling
+        logprobs (of the raw model distribution) and the weight version that produced them."""
+        from vllm import SamplingParams
+
+        def params(i):
+            return SamplingParams(
+                max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=0,
+                seed=None if seeds is None else seeds[i],
+            )
+
+        outs = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], [params(i) for i in range(len(prompts))], use_tqdm=False
+        )
+        results = []
+        for out in outs:
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            logprobs = [lp[t].logprob for t, lp in zip(ids, c.logprobs)] if c.logprobs else []
+            results.append({"token_ids": ids, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                            "weight_version": self.weight_version})
+        return results
+
+    def load_weights(self, state_dict: dict, version: int) -> dict:
+        """Load a full HF-named state dict (object-store sync) and drop cached prefixes of the old weights."""
+        t0 = time.perf_counter()
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": list(state_dict.items()), "is_checkpoint_format": True}
+        )
+        self.llm.reset_prefix_cache()
+        self.weight_version = version
+        nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
+        return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
+
+    # GPU backends (vLLM's weight-transfer API); see actors/weight_sync_gpu.py
+    def gpu_sync_init(self, backend: str, init_info: dict) -> None:
+        from .weight_sync_gpu import engine_init
+
+        engine_init(self.llm, backend, init_info)
+
+    def gpu_sync_receive(self, backend: str, update_info: dict, version: int) -> None:
+        from .weight_sync_gpu import engine_receive
+
+        engine_receive(self.llm, backend, update_info)
+        self.weight_version = version
+
+
+def generate_sharded(engines: list, prompts: list[list[int]], seeds: list[int] | None = None, **sampling) -> list[dict]:
+    """Spread prompts round-robin over the engines (Ray handles), return results in prompt order."""
+    import ray
+
+    n = len(engines)
+    shards = [(e, list(range(i, len(prompts), n))) for i, e in enumerate(engines)]
+    refs = [
+        e.generate.remote([prompts[j] for j in idx], seeds=None if seeds is None else [seeds[j] for j in idx], **sampling)
+        for e, idx in shards if idx
+    ]
+    out: list[dict] = [None] * len(prompts)  # type: ignore[list-item]
+    for (_, idx), part in zip([s for s in shards if s[1]], ray.get(refs)):
+        for j, r in zip(idx, part):
+            out[j] = r
+    return out

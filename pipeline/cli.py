@@ -1,0 +1,124 @@
+"""`sdft` command line: train and eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import DEFAULT_CONFIG, ConfigError, load_config
+from .data import DataError
+from .evaluation import EvalError
+from .models import ModelNotFound
+
+USER_ERRORS = (ConfigError, DataError, EvalError, ModelNotFound)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sdft",
+        description="Self-Distillation Fine-Tuning: the model conditioned on a demonstration teaches itself "
+                    "without it, on its own samples (vLLM rollouts, DeepSpeed learner, Ray actors).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train with SDFT (or the SFT baseline: train.mode=sft)",
+                       description="Train from a YAML config. Extra key=value arguments override config keys, "
+                                   "e.g. `sdft train configs/x.yaml train.lr=1e-5 rollout.max_new_tokens=64`.")
+    t.add_argument("config", nargs="?", help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})")
+    t.add_argument("--output", help="output folder for checkpoints and metrics.jsonl (overrides output_dir)")
+    t.add_argument("--steps", type=int, help="number of optimizer steps (overrides train.steps)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on the eval split of its config",
+                       description="Generate greedily on the eval prompts (no demonstrations) and score them.")
+    e.add_argument("checkpoint", help="a step_* folder written by `sdft train` (or any HF model folder)")
+    e.add_argument("config", nargs="?", help="YAML config (default: the checkpoint's own config.yaml)")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p
+
+
+def _split_config_arg(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """argparse cannot tell an optional CONFIG from the first key=value; fix that up here."""
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        return None, [config, *overrides]
+    return config, overrides
+
+
+def _train(args) -> dict:
+    from .driver import train
+
+    config, overrides = _split_config_arg(args.config, args.overrides)
+    if args.output:
+        overrides.append(f"output_dir={args.output}")
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    cfg = load_config(config, overrides)
+    summary = train(cfg, resume=args.resume)
+    _print_summary(summary, cfg.output_dir)
+    return summary
+
+
+def _eval(args) -> dict:
+    from transformers import AutoTokenizer
+
+    from actors.launcher import init_ray
+    from actors.rollout import RolloutEngine, engine_env
+
+    import ray
+
+    from .data import load_splits
+    from .evaluation import evaluate
+
+    ckpt = Path(args.checkpoint)
+    config, overrides = _split_config_arg(args.config, args.overrides)
+    if config is None and (ckpt / "config.yaml").exists():
+        config = str(ckpt / "config.yaml")
+    model_dir = ckpt / "model" if (ckpt / "model" / "config.json").exists() else ckpt
+    cfg = load_config(config, [*overrides, f"model.path={model_dir}"])
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    _, eval_set = load_splits(cfg, tokenizer)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    engine = ray.remote(RolloutEngine).options(
+        num_cpus=cfg.ray.rollout_cpus, runtime_env={"env_vars": engine_env(cfg.rollout.cpu_kv_cache_gib)}
+    ).remote(str(model_dir), cfg.model_dump())
+    result = evaluate([engine], eval_set, tokenizer, cfg)
+    print(json.dumps({"checkpoint": str(ckpt), **result}, indent=1))
+    return result
+
+
+def _print_summary(summary: dict, output_dir: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    last = summary.get("last", {})
+    table = Table(title=f"sdft run — {output_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("steps", f"{summary['start_step']} → {summary['steps']}"),
+        ("eval accuracy before", summary.get("eval_before", {}).get("accuracy")),
+        ("eval accuracy after", summary.get("eval_after", {}).get("accuracy")),
+        ("last loss", last.get("loss")), ("last kl", last.get("kl")),
+        ("IS weight mean", last.get("is_weight_mean")),
+        *[(f"step time: {k} (s)", v) for k, v in last.get("timing_s", {}).items()],
+        ("checkpoint", summary.get("checkpoint")),
+    ]
+    for name, value in rows:
+        if value is not None:
+            table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _train(args) if args.command == "train" else _eval(args)
+    except USER_ERRORS as e:
+        print(f"sdft: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

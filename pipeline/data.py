@@ -1,0 +1,178 @@
+"""Rows -> examples -> token ids of the student context x and the teacher context teacher_ctx(x, c).
+
+A row has a prompt (a string or a list of chat messages) and a demonstration. The teacher context folds the
+demonstration into the last user turn with the SDFT template (system messages are kept) and goes through the
+tokenizer's chat template when it has one, exactly as the student context does.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import DEFAULT_CONFIG, Config, DataConfig
+
+PROJECT_ROOT = DEFAULT_CONFIG.parent.parent
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line (or dataset row)."""
+
+
+@dataclass
+class Example:
+    prompt: str | list[dict]
+    demonstration: str
+    answer: str  # eval reference (the answer field, else the demonstration)
+    where: str  # "file:line" for error messages
+    student_ids: list[int] = field(default_factory=list)
+    teacher_ids: list[int] = field(default_factory=list)
+    demo_ids: list[int] = field(default_factory=list)  # demonstration + EOS (the SFT target)
+
+
+def _resolve(path: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return PROJECT_ROOT / p
+
+
+def _read_rows(source: str, split: str) -> list[tuple[dict, str]]:
+    if source.startswith("hf:"):
+        import datasets
+
+        name = source.removeprefix("hf:")
+        ds = datasets.load_dataset(name, split=split)
+        return [(dict(r), f"{name}[{i}]") for i, r in enumerate(ds)]
+    path = _resolve(source)
+    if not path.exists():
+        raise DataError(f"data file {source} does not exist (looked in the working directory and {PROJECT_ROOT})")
+    if path.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+        return [(dict(r), f"{path}[{i}]") for i, r in enumerate(ds)]
+    rows = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append((row, f"{path}:{lineno}"))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _check_prompt(prompt, where: str, key: str):
+    if isinstance(prompt, str):
+        return
+    ok = isinstance(prompt, list) and prompt and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+    )
+    if not ok or not any(m["role"] == "user" for m in prompt):
+        raise DataError(
+            f"{where}: field {key!r} must be a string or a list of chat messages "
+            "[{\"role\": ..., \"content\": ...}] with at least one user turn"
+        )
+
+
+def load_examples(source: str, cfg: DataConfig) -> list[Example]:
+    out = []
+    for row, where in _read_rows(source, cfg.split):
+        for key in (cfg.prompt_field, cfg.demonstration_field):
+            if key not in row:
+                raise DataError(
+                    f"{where}: missing field {key!r} (row has {sorted(row)}; set data.prompt_field / "
+                    "data.demonstration_field to match your data)"
+                )
+        _check_prompt(row[cfg.prompt_field], where, cfg.prompt_field)
+        demo = row[cfg.demonstration_field]
+        if not isinstance(demo, str):
+            raise DataError(f"{where}: field {cfg.demonstration_field!r} must be a string")
+        answer = row.get(cfg.answer_field) if cfg.answer_field else None
+        out.append(Example(row[cfg.prompt_field], demo, str(answer) if answer is not None else demo, where))
+    return out
+
+
+def as_messages(prompt: str | list[dict]) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+
+
+def teacher_messages(prompt: str | list[dict], demonstration: str, template: str) -> list[dict]:
+    """The demonstration folded into the last user turn; every other message kept as is."""
+    messages = as_messages(prompt)
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    messages[last_user]["content"] = template.format(x=messages[last_user]["content"], c=demonstration)
+    return messages
+
+
+def encode_context(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a generation prompt; plain concatenation when the tokenizer has no chat template."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
+
+
+def tokenize_examples(examples: list[Example], tokenizer, cfg: Config) -> None:
+    """Fill the token ids in place; a context that cannot fit is an error naming its row."""
+    limit = cfg.model.max_model_len
+    budget = limit - cfg.rollout.max_new_tokens
+    for ex in examples:
+        ex.student_ids = encode_context(tokenizer, as_messages(ex.prompt))
+        ex.teacher_ids = encode_context(tokenizer, teacher_messages(ex.prompt, ex.demonstration, cfg.data.teacher_template))
+        ex.demo_ids = tokenizer(ex.demonstration, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for name, ids in (("prompt", ex.student_ids), ("teacher context (prompt + demonstration)", ex.teacher_ids)):
+            if len(ids) > budget:
+                raise DataError(
+                    f"{ex.where}: {name} is {len(ids)} tokens; with rollout.max_new_tokens="
+                    f"{cfg.rollout.max_new_tokens} it exceeds model.max_model_len={limit}. Shorten the row, "
+                    "lower rollout.max_new_tokens or raise model.max_model_len."
+                )
+        if cfg.train.mode == "sft" and len(ex.student_ids) + len(ex.demo_ids) > limit:
+            raise DataError(f"{ex.where}: prompt + demonstration is longer than model.max_model_len={limit}")
+
+
+def load_splits(cfg: Config, tokenizer) -> tuple[list[Example], list[Example]]:
+    """Train and eval examples, tokenized; eval is a held-out slice of train unless data.eval is set."""
+    train = load_examples(cfg.data.train, cfg.data)
+    if cfg.data.eval:
+        evals = load_examples(cfg.data.eval, cfg.data)
+    else:
+        order = list(range(len(train)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_eval = int(len(train) * cfg.data.eval_fraction)
+        evals = [train[i] for i in order[:n_eval]]
+        train = [train[i] for i in sorted(order[n_eval:])]
+    if cfg.data.eval_size:
+        evals = evals[: cfg.data.eval_size]
+    tokenize_examples(train, tokenizer, cfg)
+    tokenize_examples(evals, tokenizer, cfg)
+    return train, evals
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
+    order = list(range(n))
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return tuple(order)
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int, shuffle: bool) -> list[int]:
+    """Indices of the examples in optimizer step `step`: epochs of a seeded permutation, so the data
+    position is a function of the step and resuming needs no sampler state."""
+    return [
+        _epoch_order(n, seed, pos // n, shuffle)[pos % n] for pos in range(step * batch_size, (step + 1) * batch_size)
+    ]

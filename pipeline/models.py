@@ -1,0 +1,126 @@
+"""Where a model comes from: a local folder, a hub id, or a tiny one built here.
+
+`resolve_model(spec)` turns a config's `model.path` into a local folder that both Hugging Face and vLLM
+can load. `tiny:llama` / `tiny:qwen2` build a small random-weight model with a locally trained
+byte-level BPE tokenizer (no network), deterministic for a given seed, cached by content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+CACHE_ROOT = Path(os.environ.get("SDFT_CACHE", Path.home() / ".cache" / "sdft"))
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+
+# Small but vLLM-compatible: CPU attention needs head_dim in {32, 64, ...}.
+TINY_ARCHS = {
+    "llama": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+    "qwen2": dict(
+        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+class ModelNotFound(ValueError):
+    pass
+
+
+def resolve_model(spec: str, seed: int = 0) -> str:
+    """Return a local folder for `spec`; hub ids are returned as-is for transformers/vLLM to fetch."""
+    if spec.startswith("tiny:"):
+        return str(build_tiny_model(spec.removeprefix("tiny:"), seed=seed))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelNotFound(f"model.path {spec!r}: folder has no config.json (expected a Hugging Face model folder)")
+        return str(path.resolve())
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelNotFound(
+            f"model.path {spec!r} does not exist. Give a Hugging Face model folder, a hub id like "
+            "'Qwen/Qwen2.5-7B-Instruct', or 'tiny:llama' for a small local test model."
+        )
+    return spec  # hub id
+
+
+def _tokenizer_corpus() -> list[str]:
+    words = ("the a of to and in is you that it for on with as are this be at or one have not but what all "
+             "answer question example response thinking process now own your reverse copy sort add shift "
+             "number letter word sum result because first then so").split()
+    lines = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    lines += ["0123456789 +-*/=.,:;!?()[]{}'\"\n", "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
+    return lines * 4
+
+
+def _build_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token=None,
+        chat_template=CHAT_TEMPLATE,
+    )
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_tiny_model(arch: str, seed: int = 0) -> Path:
+    """Build (once) a tiny random-weight model + tokenizer; return its folder."""
+    if arch not in TINY_ARCHS:
+        raise ModelNotFound(f"unknown tiny model 'tiny:{arch}'; choose one of {sorted(TINY_ARCHS)}")
+    key = hashlib.sha256(json.dumps([arch, seed, TINY_ARCHS[arch], CHAT_TEMPLATE, _tokenizer_corpus()]).encode())
+    folder = CACHE_ROOT / "models" / f"tiny-{arch}-{key.hexdigest()[:12]}"
+    if (folder / "config.json").exists():
+        return folder
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    tok = _build_tokenizer(tmp)
+    params = dict(TINY_ARCHS[arch])
+    config = AutoConfig.for_model(
+        params.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, torch_dtype="float32", **params,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # Larger-than-default init so that a random model's greedy choices are well separated.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

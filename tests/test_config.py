@@ -1,0 +1,86 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import TEACHER_TEMPLATE, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_config_follows_spec_defaults():
+    cfg = load_config()
+    assert cfg.teacher.kind == "ema" and cfg.teacher.ema_alpha == 0.01
+    assert cfg.loss.divergence == "forward_kl" and cfg.loss.is_cap == 2.0
+    assert cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0 and cfg.rollout.samples_per_prompt == 1
+    assert cfg.train.grad_clip == 1.0 and cfg.train.weight_decay == 0.0 and cfg.train.lr_schedule == "cosine"
+    assert cfg.data.teacher_template == TEACHER_TEMPLATE
+
+
+def test_every_shipped_config_validates():
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)
+
+
+def test_dotted_overrides_are_typed(tmp_path):
+    cfg = load_config(None, ["train.lr=1e-5", "rollout.max_new_tokens=64", "teacher.kind=frozen", "data.eval=null"])
+    assert cfg.train.lr == 1e-5 and cfg.rollout.max_new_tokens == 64 and cfg.teacher.kind == "frozen"
+    assert cfg.data.eval is None
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    p = _write(tmp_path, "train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "train.lrr" in str(e.value) and "unknown key" in str(e.value)
+
+
+def test_wrong_type_names_key(tmp_path):
+    p = _write(tmp_path, "train:\n  batch_size: many\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "train.batch_size" in str(e.value) and "'many'" in str(e.value)
+
+
+def test_unknown_override_key():
+    with pytest.raises(ConfigError, match="loss.divergense"):
+        load_config(None, ["loss.divergense=jsd"])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_incompatible_options_rejected():
+    with pytest.raises(ConfigError, match="multiple of train.micro_batch_size"):
+        load_config(None, ["train.batch_size=6", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match="zero_stage"):
+        load_config(None, ["loss.backend=fused_linear", "train.zero_stage=3"])
+
+
+def test_cli_reports_config_error_without_traceback(tmp_path):
+    p = _write(tmp_path, "train:\n  lrr: 0.1\n")
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(p)], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 2
+    assert "train.lrr" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_help_explains_commands():
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--help"], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 0
+    for flag in ("--output", "--steps", "--resume", "key=value"):
+        assert flag in r.stdout
