@@ -76,7 +76,7 @@ class Learner:
             model.gradient_checkpointing_enable()
         # The EMA teacher is kept in float32: with alpha=0.01 a bf16 copy would round most updates away.
         self.teacher = None
-        if cfg.teacher.kind in ("ema", "frozen"):
+        if cfg.train.mode == "sdft" and cfg.teacher.kind in ("ema", "frozen"):
             self.teacher = copy.deepcopy(model).requires_grad_(False).eval()
             if on_gpu:
                 self.teacher.to("cuda", dtype=torch.float32 if cfg.teacher.kind == "ema" else self.dtype)
@@ -169,7 +169,7 @@ class Learner:
             kl += out.divergence.item() / len(micro_batches)
             tokens += out.num_tokens
             weights.append(out.is_weights)
-        if self.cfg.teacher.kind == "ema":
+        if self.teacher is not None and self.cfg.teacher.kind == "ema":
             with self._full_params():
                 ema_update(self.teacher, self.engine.module, self.cfg.teacher.ema_alpha)
         w = torch.cat(weights).float()
@@ -253,7 +253,7 @@ class Learner:
             with self._full_params():
                 self.engine.module.save_pretrained(folder / "model", safe_serialization=True)
             self.tokenizer.save_pretrained(folder / "model")
-            if self.cfg.teacher.kind == "ema":
+            if self.teacher is not None and self.cfg.teacher.kind == "ema":
                 sd = {k: v.contiguous() for k, v in self.teacher.state_dict().items()}
                 save_file(_untie(sd), str(folder / "teacher.safetensors"))
             (folder / "learner.json").write_text(json.dumps({"world_size": self.world_size}))
@@ -264,7 +264,7 @@ class Learner:
         folder = Path(folder)
         _, client = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
         torch.set_rng_state(client["torch_rng"])
-        if self.cfg.teacher.kind == "ema":
+        if self.teacher is not None and self.cfg.teacher.kind == "ema":
             self.teacher.load_state_dict(load_file(str(folder / "teacher.safetensors")), strict=False)
 
 

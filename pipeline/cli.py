@@ -82,7 +82,10 @@ def _eval(args) -> dict:
     engine = ray.remote(RolloutEngine).options(
         num_cpus=cfg.ray.rollout_cpus, runtime_env={"env_vars": engine_env(cfg.rollout.cpu_kv_cache_gib)}
     ).remote(str(model_dir), cfg.model_dump())
-    result = evaluate([engine], eval_set, tokenizer, cfg)
+    try:
+        result = evaluate([engine], eval_set, tokenizer, cfg)
+    finally:
+        ray.kill(engine)
     print(json.dumps({"checkpoint": str(ckpt), **result}, indent=1))
     return result
 
