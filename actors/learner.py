@@ -29,17 +29,29 @@ def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torc
     return ids.to(device), mask.to(device)
 
 
-def completion_hidden(model, contexts: list[list[int]], completions: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Final hidden states at the positions that predict each completion token, flattened to [N, H].
+def _inputs(contexts, completions, pad_id, device):
+    """context ⊕ completion[:-1], right-padded: position len(context)-1+t predicts completion token t."""
+    return _pad([c + y[:-1] for c, y in zip(contexts, completions)], pad_id, device)
 
-    The input is context ⊕ completion[:-1], right-padded; row t of the output predicts completion token t.
+
+def completion_logits(model, contexts: list[list[int]], completions: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Logits at the positions that predict each completion token, flattened to [N, V].
+
+    A full forward of the model (so ZeRO-3's parameter hooks and tied embeddings behave), with the LM head
+    applied only from the first completion position on (`logits_to_keep`).
     """
-    seqs = [c + y[:-1] for c, y in zip(contexts, completions)]
-    device = next(model.parameters()).device
-    ids, mask = _pad(seqs, pad_id, device)
+    ids, mask = _inputs(contexts, completions, pad_id, next(model.parameters()).device)
+    first = min(len(c) for c in contexts) - 1
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=torch.arange(first, ids.shape[1])).logits
+    return torch.cat([logits[i, len(c) - 1 - first : len(c) - 1 - first + len(y)]
+                      for i, (c, y) in enumerate(zip(contexts, completions))])
+
+
+def completion_hidden(model, contexts: list[list[int]], completions: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Final hidden states at the same positions, [N, H], for the fused-linear kernels (ZeRO <= 2)."""
+    ids, mask = _inputs(contexts, completions, pad_id, next(model.parameters()).device)
     hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    rows = [hidden[i, len(c) - 1 : len(c) - 1 + len(y)] for i, (c, y) in enumerate(zip(contexts, completions))]
-    return torch.cat(rows, 0)
+    return torch.cat([hidden[i, len(c) - 1 : len(c) - 1 + len(y)] for i, (c, y) in enumerate(zip(contexts, completions))])
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -119,32 +131,33 @@ class Learner:
 
     # ---- scoring -------------------------------------------------------------------------------------------
     def _micro_loss(self, micro: list[dict]) -> LossOutput:
-        cfg, student, device = self.cfg, self.engine.module, self.engine.device
+        cfg, device = self.cfg, self.engine.device
+        student = self.engine  # forward through the engine: ZeRO-3 accumulates gradients correctly only then
         completions = [s["completion_ids"] for s in micro]
         layout = TokenLayout.from_lengths([len(y) for y in completions], device=device)
         ids = torch.tensor([t for y in completions for t in y], device=device)
-        s_hidden = completion_hidden(student, [s["student_ids"] for s in micro], completions, self.pad_id)
-        s_head = student.get_output_embeddings()
+        x, x_teacher = [s["student_ids"] for s in micro], [s.get("teacher_ids") for s in micro]
         if cfg.train.mode == "sft":
-            return sft_loss(s_head(s_hidden), ids, layout, eos_id=self.eos_id)
+            return sft_loss(completion_logits(student, x, completions, self.pad_id), ids, layout, eos_id=self.eos_id)
 
         teacher = self.teacher if self.teacher is not None else student
-        with torch.no_grad():
-            t_hidden = completion_hidden(teacher, [s["teacher_ids"] for s in micro], completions, self.pad_id)
-        t_head = teacher.get_output_embeddings()
         div = dict(divergence=cfg.loss.divergence, beta=cfg.loss.jsd_beta, temperature=cfg.loss.temperature)
         if cfg.loss.backend == "fused_linear":  # [N, V] logits exist only chunk by chunk
-            s_w = s_head.weight
+            with torch.no_grad():
+                t_hidden = completion_hidden(teacher, x_teacher, completions, self.pad_id)
+            s_hidden = completion_hidden(student, x, completions, self.pad_id)
+            s_w = self.engine.module.get_output_embeddings().weight
+            t_w = (self.teacher or self.engine.module).get_output_embeddings().weight
             per_token = kernels.fused_linear_token_divergence(
-                s_hidden, s_w, t_hidden.to(s_hidden.dtype), t_head.weight.to(s_w.dtype),
+                s_hidden, s_w, t_hidden.to(s_hidden.dtype), t_w.to(s_w.dtype),
                 chunk_size=cfg.loss.chunk_size, **div)
             logp_train = _chunked_token_logprobs(s_hidden, s_w, ids, cfg.loss.chunk_size)
         else:
-            s_logits = s_head(s_hidden)
             with torch.no_grad():
-                t_logits = t_head(t_hidden).to(s_logits.dtype)
-            per_token = kernels.token_divergence(
-                s_logits, t_logits, backend=cfg.loss.backend, sampled_ids=ids, topk=cfg.loss.topk, **div)
+                t_logits = completion_logits(teacher, x_teacher, completions, self.pad_id)
+            s_logits = completion_logits(student, x, completions, self.pad_id)
+            per_token = kernels.token_divergence(s_logits, t_logits.to(s_logits.dtype), backend=cfg.loss.backend,
+                                                 sampled_ids=ids, topk=cfg.loss.topk, **div)
             logp_train = token_logprobs(s_logits.detach(), ids)
         rollout_lp = torch.tensor([lp for s in micro for lp in s["logprobs"]], device=device)
         return sdft_loss(
