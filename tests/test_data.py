@@ -108,3 +108,13 @@ def test_splits_and_batches_are_deterministic(tiny_model):
     assert batch_indices(3, b, n, 0, True) == batch_indices(3, b, n, 0, True)
     assert batch_indices(0, b, n, 0, True) != batch_indices(0, b, n, 1, True)
     assert all(e.demo_ids[-1] == tok.eos_token_id for e in train)
+
+
+def test_datasets_folder_is_a_data_source(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "p1", "demonstration": "d1"}, {"prompt": "p2", "demonstration": "d2"}]) \
+        .save_to_disk(str(tmp_path / "ds"))
+    exs = load_examples(str(tmp_path / "ds"), load_config().data)
+    assert [(e.prompt, e.demonstration, e.answer) for e in exs] == [("p1", "d1", "d1"), ("p2", "d2", "d2")]
+    assert exs[1].where.endswith("[1]")
