@@ -1,12 +1,21 @@
-"""Creates the Ray actors of a run: the learner and the rollout engines, and the weight sync between them."""
+"""Creates the Ray actors of a run — M learner ranks and N rollout engines placed through Ray placement
+groups — and the weight sync between them.
+
+* `disaggregated`: learner ranks and engines get bundles of their own (separate GPUs, possibly nodes);
+  each role's bundles are packed together.
+* `colocated`: bundle i holds learner rank i and engine i on one GPU (half a GPU each as far as Ray is
+  concerned); on GPU the engines sleep while the learner trains.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .learner import Learner
 from .rollout import RolloutEngine, engine_env
@@ -14,6 +23,11 @@ from .weight_sync import make_sync, resolve_backend
 
 CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR", "SDFT_CACHE", "HF_HOME",
               "TRITON_INTERPRET", "WANDB_MODE", "HF_HUB_OFFLINE")
+PLACEMENT_TIMEOUT_S = 120
+
+
+class PlacementError(RuntimeError):
+    pass
 
 
 def _passthrough_env() -> dict[str, str]:
@@ -26,51 +40,116 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address)
     else:  # a private local instance, loopback only
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
+
+
+@ray.remote(num_cpus=0)
+def _rendezvous() -> tuple[str, int]:
+    """Address and a free port on the node of learner rank 0 (runs in rank 0's bundle)."""
+    return ray.util.get_node_ip_address(), free_port()
 
 
 @dataclass
 class Actors:
-    learner: ray.actor.ActorHandle
+    learners: list
     engines: list
-    sync: object  # ObjectStoreSync | GpuSync
+    sync: object = None  # ObjectStoreSync | GpuSync
+    placement_groups: list = field(default_factory=list)
+    colocated: bool = False
+
+    @property
+    def learner(self):
+        """Rank 0: the one that exports weights and writes the HF checkpoint."""
+        return self.learners[0]
 
     def shutdown(self) -> None:
-        for a in [self.learner, *self.engines]:
-            ray.kill(a)
+        for a in [*self.learners, *self.engines]:
+            ray.kill(a, no_restart=True)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+
+
+def _bundle(cpus: float, gpus: float, extra: dict[str, float]) -> dict[str, float]:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **extra}
+
+
+def _reserve(bundles: list[dict], strategy: str) -> ray.util.placement_group.PlacementGroup:
+    pg = placement_group(bundles, strategy=strategy)
+    if not pg.wait(PLACEMENT_TIMEOUT_S):
+        remove_placement_group(pg)
+        raise PlacementError(
+            f"the Ray cluster cannot host bundles {bundles} (strategy {strategy}) within {PLACEMENT_TIMEOUT_S}s; "
+            f"available: {ray.available_resources()}. Lower ray.learner_ranks / rollout.num_engines or the "
+            "per-role cpus/resources, or add nodes."
+        )
+    return pg
+
+
+def _placements(cfg, gpu: bool) -> tuple[list, list, list]:
+    """(learner strategies, engine strategies, placement groups) per the configured layout."""
+    r, m, n = cfg.ray, cfg.ray.learner_ranks, cfg.rollout.num_engines
+    at = PlacementGroupSchedulingStrategy
+    if r.placement == "colocated":
+        shared = _bundle(r.learner_cpus + r.rollout_cpus, 1 if gpu else 0,
+                         {k: r.learner_resources.get(k, 0) + r.rollout_resources.get(k, 0)
+                          for k in {*r.learner_resources, *r.rollout_resources}})
+        pg = _reserve([shared] * max(m, n), "PACK")
+        return ([at(pg, i) for i in range(m)], [at(pg, i) for i in range(n)], [pg])
+    learn_pg = _reserve([_bundle(r.learner_cpus, 1 if gpu else 0, r.learner_resources)] * m, "PACK")
+    roll_pg = _reserve([_bundle(r.rollout_cpus, 1 if gpu else 0, r.rollout_resources)] * n, "PACK")
+    return [at(learn_pg, i) for i in range(m)], [at(roll_pg, i) for i in range(n)], [learn_pg, roll_pg]
 
 
 def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True) -> Actors:
-    """Start learner + engines (GPU when the cluster has them) and wire the weight sync."""
+    """Start learner ranks + engines (on GPUs when the cluster has them) and wire the weight sync."""
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    on_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    gpus = 1 if on_gpu else 0
+    gpu = ray.cluster_resources().get("GPU", 0) > 0
+    colocated = cfg.ray.placement == "colocated"
+    gpu_share = (0.5 if colocated else 1) if gpu else 0
+    learner_at, engine_at, pgs = _placements(cfg, gpu)
     env = _passthrough_env()
-    # TRITON_INTERPRET must be set before triton is imported; only the CPU learner needs it.
-    learner_env = {**env, **({} if on_gpu else {"TRITON_INTERPRET": "1"}), "OMP_NUM_THREADS": "1"}
     cfg_dict = cfg.model_dump()
-    learner = ray.remote(Learner).options(
-        num_cpus=cfg.ray.learner_cpus, num_gpus=gpus, runtime_env={"env_vars": learner_env},
-    ).remote(cfg_dict, model_path, total_steps, master_port=_free_port())
+
+    # TRITON_INTERPRET must be set before triton is imported; only a CPU learner needs it.
+    learner_env = {**env, **({} if gpu else {"TRITON_INTERPRET": "1"}), "OMP_NUM_THREADS": "1"}
+    addr, port = ray.get(_rendezvous.options(scheduling_strategy=learner_at[0]).remote())
+    m = cfg.ray.learner_ranks
+    learners = [
+        ray.remote(Learner).options(
+            num_cpus=cfg.ray.learner_cpus, num_gpus=gpu_share, scheduling_strategy=learner_at[rank],
+            runtime_env={"env_vars": learner_env},
+        ).remote(cfg_dict, model_path, total_steps, rank=rank, world_size=m, master_addr=addr, master_port=port)
+        for rank in range(m)
+    ]
     engines = []
     if with_engines:
         engine_vars = {**env, **engine_env(cfg.rollout.cpu_kv_cache_gib)}
         engines = [
             ray.remote(RolloutEngine).options(
-                num_cpus=cfg.ray.rollout_cpus, num_gpus=gpus,
-                runtime_env={"env_vars": engine_vars},
-            ).remote(model_path, cfg_dict, i)
+                num_cpus=cfg.ray.rollout_cpus, num_gpus=gpu_share, scheduling_strategy=engine_at[i],
+                runtime_env={"env_vars": engine_vars}, max_restarts=cfg.ray.engine_max_restarts, max_task_retries=0,
+            ).remote(model_path, cfg_dict, i, sleep_mode=gpu and colocated)
             for i in range(cfg.rollout.num_engines)
         ]
-    backend = resolve_backend(cfg.sync.backend, on_gpu)
-    dtype = None if not on_gpu else ("bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype)
-    ray.get([learner.__ray_ready__.remote(), *[e.__ray_ready__.remote() for e in engines]])
-    return Actors(learner, engines, make_sync(backend, learner, engines, dtype) if engines else None)
+    actors = Actors(learners, engines, placement_groups=pgs, colocated=colocated)
+    try:
+        ray.get([a.__ray_ready__.remote() for a in [*learners, *engines]])
+        if engines:
+            backend = resolve_backend(cfg.sync.backend, gpu, cfg.ray.placement)
+            if backend != "object_store" and cfg.train.zero_stage == 3 and cfg.ray.learner_ranks > 1:
+                raise PlacementError(f"sync.backend={backend} stages weights on rank 0 alone; with ZeRO-3 over "
+                                     "several ranks use sync.backend=object_store or train.zero_stage<=2")
+            dtype = None if not gpu else ("bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype)
+            actors.sync = make_sync(backend, learners, engines, dtype, gather_all=cfg.train.zero_stage == 3)
+    except BaseException:
+        actors.shutdown()
+        raise
+    return actors

@@ -64,7 +64,7 @@ class Learner:
     """Student + teacher on one data-parallel rank. `cfg` is the run's Config as a dict."""
 
     def __init__(self, cfg: dict, model_path: str, total_steps: int, rank: int = 0, world_size: int = 1,
-                 master_port: int = 29500):
+                 master_addr: str = "127.0.0.1", master_port: int = 29500):
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -73,8 +73,9 @@ class Learner:
         self.cfg = cfg = Config.model_validate(cfg)
         torch.manual_seed(cfg.train.seed + rank)
         on_gpu = torch.cuda.is_available()
-        os.environ.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(master_port),
-                          RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        # One process per rank; Ray sets CUDA_VISIBLE_DEVICES to this rank's GPU, hence LOCAL_RANK 0.
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
@@ -206,10 +207,13 @@ class Learner:
 
     # ---- weights out ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def export_weights(self, dtype: str | None = None, device="cpu") -> dict[str, torch.Tensor]:
-        """Full HF-named state dict (gathered under ZeRO-3), copied to `device`, for the rollout engines."""
+    def export_weights(self, dtype: str | None = None, device="cpu") -> dict[str, torch.Tensor] | None:
+        """Full HF-named state dict copied to `device`, for the rollout engines; None on ranks > 0.
+        Under ZeRO-3 every rank must call it (the gather is collective)."""
         out_dtype = _dtype(dtype) if dtype else None
         with self._full_params():
+            if self.rank != 0:
+                return None
             sd = self.engine.module.state_dict()
             return {k: v.detach().to(device, dtype=out_dtype or v.dtype).clone() for k, v in sd.items()}
 
@@ -254,6 +258,11 @@ class Learner:
         self._sender.release()
         self._staged = None
 
+    def node(self) -> dict:
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "rank": self.rank}
+
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def save(self, folder: str) -> None:
         """Student as an HF folder, teacher weights, DeepSpeed engine state (optimizer, scheduler, RNG)."""
@@ -262,9 +271,10 @@ class Learner:
         folder = Path(folder)
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state",
                                     client_state={"torch_rng": torch.get_rng_state()})
-        if self.rank == 0:
-            with self._full_params():
+        with self._full_params():  # collective under ZeRO-3: every rank enters, rank 0 writes
+            if self.rank == 0:
                 self.engine.module.save_pretrained(folder / "model", safe_serialization=True)
+        if self.rank == 0:
             self.tokenizer.save_pretrained(folder / "model")
             if self.teacher is not None and self.cfg.teacher.kind == "ema":
                 sd = {k: v.contiguous() for k, v in self.teacher.state_dict().items()}

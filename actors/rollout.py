@@ -26,7 +26,7 @@ def engine_env(cpu_kv_cache_gib: int) -> dict[str, str]:
 class RolloutEngine:
     """A vLLM engine behind a small interface: generate token ids with logprobs, load new weights."""
 
-    def __init__(self, model_path: str, cfg: dict, engine_index: int = 0):
+    def __init__(self, model_path: str, cfg: dict, engine_index: int = 0, sleep_mode: bool = False):
         for k, v in engine_env(cfg["rollout"]["cpu_kv_cache_gib"]).items():
             os.environ.setdefault(k, v)
         import torch
@@ -44,17 +44,19 @@ class RolloutEngine:
         )
         if on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.rollout.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = sleep_mode  # colocated: free the GPU while the learner trains
             if cfg.sync.backend in ("nccl", "ipc"):
                 from .weight_sync_gpu import engine_kwargs
 
                 kwargs.update(engine_kwargs(cfg.sync.backend))
         self.llm = LLM(**kwargs)
+        self.sleep_mode = sleep_mode
         self.weight_version = 0
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  seeds: list[int] | None = None) -> list[dict]:
         """Sample one completion per prompt; temperature 0 is greedy. Returns token ids, per-token sampling
-        logprobs (of the raw model distribution) and the weight version that produced them."""
+        logprobs (of the raw model distribution), the weight version that produced them and the call's duration."""
         from vllm import SamplingParams
 
         def params(i):
@@ -63,16 +65,18 @@ class RolloutEngine:
                 seed=None if seeds is None else seeds[i],
             )
 
+        t0 = time.perf_counter()
         outs = self.llm.generate(
             [{"prompt_token_ids": p} for p in prompts], [params(i) for i in range(len(prompts))], use_tqdm=False
         )
+        seconds = time.perf_counter() - t0
         results = []
         for out in outs:
             c = out.outputs[0]
             ids = list(c.token_ids)
             logprobs = [lp[t].logprob for t, lp in zip(ids, c.logprobs)] if c.logprobs else []
             results.append({"token_ids": ids, "logprobs": logprobs, "finish_reason": c.finish_reason,
-                            "weight_version": self.weight_version})
+                            "weight_version": self.weight_version, "gen_seconds": seconds})
         return results
 
     def load_weights(self, state_dict: dict, version: int) -> dict:
@@ -85,6 +89,20 @@ class RolloutEngine:
         self.weight_version = version
         nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
         return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
+
+    def sleep(self) -> None:
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
+
+    def node(self) -> dict:
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "weight_version": self.weight_version}
 
     # GPU backends (vLLM's weight-transfer API); see actors/weight_sync_gpu.py
     def gpu_sync_init(self, backend: str, init_info: dict) -> None:
@@ -99,18 +117,25 @@ class RolloutEngine:
         self.weight_version = version
 
 
+def submit_sharded(engines: list, prompts: list[list[int]], seeds: list[int] | None = None, **sampling) -> list:
+    """Spread prompts round-robin over the engines (Ray handles) without waiting: [(engine index, prompt
+    indices, ObjectRef)] for `collect_shard` / `generate_sharded`."""
+    shards = []
+    for i, e in enumerate(engines):
+        idx = list(range(i, len(prompts), len(engines)))
+        if idx:
+            ref = e.generate.remote([prompts[j] for j in idx],
+                                    seeds=None if seeds is None else [seeds[j] for j in idx], **sampling)
+            shards.append((i, idx, ref))
+    return shards
+
+
 def generate_sharded(engines: list, prompts: list[list[int]], seeds: list[int] | None = None, **sampling) -> list[dict]:
-    """Spread prompts round-robin over the engines (Ray handles), return results in prompt order."""
+    """Results in prompt order."""
     import ray
 
-    n = len(engines)
-    shards = [(e, list(range(i, len(prompts), n))) for i, e in enumerate(engines)]
-    refs = [
-        e.generate.remote([prompts[j] for j in idx], seeds=None if seeds is None else [seeds[j] for j in idx], **sampling)
-        for e, idx in shards if idx
-    ]
     out: list[dict] = [None] * len(prompts)  # type: ignore[list-item]
-    for (_, idx), part in zip([s for s in shards if s[1]], ray.get(refs)):
-        for j, r in zip(idx, part):
+    for _, idx, ref in submit_sharded(engines, prompts, seeds, **sampling):
+        for j, r in zip(idx, ray.get(ref)):
             out[j] = r
     return out

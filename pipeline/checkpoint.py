@@ -15,13 +15,14 @@ import yaml
 PREFIX = "step_"
 
 
-def save(learner, output_dir: Path, step: int, cfg, extra: dict) -> Path:
+def save(learners: list, output_dir: Path, step: int, cfg, extra: dict) -> Path:
+    """Every learner rank writes its DeepSpeed shard; rank 0 also the HF model and the teacher."""
     final = output_dir / f"{PREFIX}{step:06d}"
     tmp = output_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ray.get(learner.save.remote(str(tmp)))
-    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    ray.get([lr.save.remote(str(tmp)) for lr in learners])
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(by_alias=True), sort_keys=False))
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=1))
     if final.exists():
         shutil.rmtree(final)

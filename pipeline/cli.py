@@ -15,6 +15,15 @@ from .models import ModelNotFound
 USER_ERRORS = (ConfigError, DataError, EvalError, ModelNotFound)
 
 
+def _run_failures() -> tuple[type, ...]:
+    from actors.launcher import PlacementError
+
+    from .driver import LearnerFailed, SyncMismatch
+    from .rollouts import EngineFailed
+
+    return (LearnerFailed, EngineFailed, PlacementError, SyncMismatch)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sdft",
@@ -35,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a step_* folder written by `sdft train` (or any HF model folder)")
     e.add_argument("config", nargs="?", help="YAML config (default: the checkpoint's own config.yaml)")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    c = sub.add_parser("compare", help="base vs SFT vs SDFT from the same base: table, results.json, plot",
+                       description="Train every method of --methods from the same config (only train.mode "
+                                   "differs) and compare new-skill accuracy and prior-skill retention.")
+    c.add_argument("config", nargs="?", help="YAML config (default: the default of `sdft train`)")
+    c.add_argument("--output", default="runs/compare", help="folder for the runs, results.json and compare.png")
+    c.add_argument("--steps", type=int, help="optimizer steps per method (overrides train.steps)")
+    c.add_argument("--methods", default="sft,sdft", help="comma-separated: sft, sdft (default: sft,sdft)")
+    c.add_argument("--sequential", nargs="+", metavar="NAME=TRAIN,EVAL",
+                   help="train the stages one after another (each from the previous weights); forgetting table")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
 
 
@@ -90,6 +109,25 @@ def _eval(args) -> dict:
     return result
 
 
+def _compare(args) -> dict:
+    from .compare import parse_stages, run_compare, run_sequential
+
+    config, overrides = _split_config_arg(args.config, args.overrides)
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ("sft", "sdft")]
+    if bad or not methods:
+        raise ConfigError(f"--methods {args.methods!r}: choose from sft, sdft")
+    if args.sequential:
+        try:
+            stages = parse_stages(args.sequential)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return run_sequential(config, overrides, Path(args.output), methods, stages)
+    return run_compare(config, overrides, Path(args.output), methods)
+
+
 def _print_summary(summary: dict, output_dir: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -114,12 +152,22 @@ def _print_summary(summary: dict, output_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # key=value overrides may come after --flags too (argparse alone stops collecting positionals there)
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if "=" not in a or a.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
-        _train(args) if args.command == "train" else _eval(args)
+        {"train": _train, "eval": _eval, "compare": _compare}[args.command](args)
     except USER_ERRORS as e:
         print(f"sdft: error: {e}", file=sys.stderr)
         return 2
+    except _run_failures() as e:
+        print(f"sdft: run failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,7 +18,9 @@ TEACHER_TEMPLATE = (
     "Now answer with a response of your own, including the thinking process.\n"
 )
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+# `sdft train` without a config: SDFT on the embedded toy world. configs/default.yaml is the tiny random-model
+# smoke config the pipeline tests use.
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
 
 
 class ConfigError(ValueError):
@@ -26,7 +28,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
 class ModelConfig(_Section):
@@ -107,6 +109,21 @@ class EvalConfig(_Section):
     max_new_tokens: int | None = Field(None, gt=0)  # None: rollout.max_new_tokens
     metric: str = "exact_match"  # exact_match | regex | contains | a callable "package.module:function"
     regex: str | None = None  # with metric=regex: group 1 (or the match) is compared to the reference
+    # Named extra eval sets (name -> data source, same forms as data.train), scored with eval.metric and
+    # logged as eval.<name>.accuracy / eval.<name>.exact_match; e.g. the prior skills, to measure retention.
+    sets: dict[str, str] = Field(default_factory=dict)
+    prior: list[str] = Field(default_factory=list)  # names in `sets` averaged into eval.prior_accuracy / prior_exact
+    teacher: bool = False  # also score the eval set *with* its demonstration in context (teacher_accuracy)
+    # The headline prior-skill number of `sdft compare`: eval.metric (prior_accuracy) or exact match (prior_exact)
+    prior_metric: Literal["metric", "exact_match"] = "metric"
+    size: int | None = Field(None, gt=0)  # cap on examples per named set
+
+    @model_validator(mode="after")
+    def _prior_in_sets(self):
+        missing = [n for n in self.prior if n not in self.sets]
+        if missing:
+            raise ValueError(f"eval.prior names {missing} that are not in eval.sets ({sorted(self.sets)})")
+        return self
 
 
 class CheckpointConfig(_Section):
@@ -124,8 +141,20 @@ class LoggingConfig(_Section):
 class RayConfig(_Section):
     address: str | None = None  # None: join RAY_ADDRESS if set, else start a local instance
     num_cpus: int | None = None  # local instance only
-    learner_cpus: float = 1.0
-    rollout_cpus: float = 1.0
+    placement: Literal["disaggregated", "colocated"] = "disaggregated"
+    learner_ranks: int = Field(1, ge=1)  # M DeepSpeed data-parallel ranks (one GPU each on GPU clusters)
+    learner_cpus: float = Field(1.0, gt=0.0)
+    rollout_cpus: float = Field(1.0, gt=0.0)
+    # Extra Ray resources each learner / rollout bundle asks for, e.g. {"learner_node": 1} to pin roles to nodes.
+    learner_resources: dict[str, float] = {}
+    rollout_resources: dict[str, float] = {}
+    engine_max_restarts: int = Field(3, ge=0)  # a crashed rollout engine is restarted and re-synced
+
+
+class AsyncConfig(_Section):
+    # 0: strict on-policy (generate, train, sync). k >= 1: generation runs up to k weight versions ahead of the
+    # learner, overlapping with its steps; the truncated IS weight corrects for the lag.
+    max_staleness: int = Field(0, ge=0)
 
 
 class SyncConfig(_Section):
@@ -146,11 +175,19 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     ray: RayConfig = RayConfig()
     sync: SyncConfig = SyncConfig()
+    async_: AsyncConfig = Field(AsyncConfig(), alias="async")
 
     @model_validator(mode="after")
     def _compatible(self):
         if self.loss.backend == "fused_linear" and self.train.zero_stage == 3:
             raise ValueError("loss.backend=fused_linear needs the full lm_head on each rank: use train.zero_stage <= 2")
+        if self.sync.check_greedy and self.train.zero_stage == 3 and self.ray.learner_ranks > 1:
+            raise ValueError("sync.check_greedy generates on learner rank 0 alone: not with ZeRO-3 over several ranks")
+        if self.ray.placement == "colocated" and self.async_.max_staleness:
+            raise ValueError("ray.placement=colocated shares each GPU between learner and engine, so nothing can "
+                             "overlap: set async.max_staleness=0 or use ray.placement=disaggregated")
+        if self.train.mode == "sft" and self.async_.max_staleness:
+            raise ValueError("async.max_staleness applies to SDFT rollouts; SFT has none: set it to 0")
         if self.loss.backend != "torch" and self.loss.divergence in ("topk", "sampled"):
             raise ValueError(f"loss.divergence={self.loss.divergence} is implemented in torch only: set loss.backend=torch")
         return self
@@ -179,7 +216,7 @@ def _format_error(err: ValidationError, source: str) -> str:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read YAML (default: configs/default.yaml), apply `a.b=value` overrides, validate."""
+    """Read YAML (default: DEFAULT_CONFIG, configs/toy.yaml), apply `a.b=value` overrides, validate."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")

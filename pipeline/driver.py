@@ -1,4 +1,8 @@
-"""The training loop: batch -> rollout -> learner step -> weight sync -> metrics, strictly on-policy."""
+"""The training loop: batch -> rollout -> learner step -> weight sync -> metrics (-> eval, checkpoint).
+
+Strictly on-policy by default; with async.max_staleness = k generation runs up to k steps ahead
+(pipeline/rollouts.py). Learner ranks each take an equal slice of the step's samples.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,19 @@ import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import ray
+from ray.exceptions import RayActorError
 
 from actors.launcher import Actors, launch
-from actors.rollout import generate_sharded
 
 from . import checkpoint
 from .config import Config
 from .data import Example, batch_indices, load_splits
-from .evaluation import evaluate
+from .evaluation import evaluate_all, load_eval_sets
 from .models import resolve_model
+from .rollouts import RolloutScheduler
 from .tracking import MetricsLogger
 
 
@@ -28,11 +34,6 @@ def total_steps(cfg: Config, n_train: int) -> int:
     return cfg.train.steps or max(1, math.ceil(cfg.train.epochs * n_train / cfg.train.batch_size))
 
 
-def sample_seeds(seed: int, step: int, n: int) -> list[int]:
-    """Per-request sampling seeds: a function of (seed, step, index), so a resumed run samples the same."""
-    return [((seed * 1_000_003 + step) * 65_537 + i) % (2**31 - 1) for i in range(n)]
-
-
 @contextmanager
 def timed(timings: dict, key: str):
     t0 = time.perf_counter()
@@ -40,23 +41,37 @@ def timed(timings: dict, key: str):
     timings[key] = time.perf_counter() - t0
 
 
-def rollout_samples(actors: Actors, batch: list[Example], cfg: Config, step: int) -> tuple[list[dict], dict]:
-    """The current student samples y ~ π_θ(·|x) for every prompt; returns learner samples + rollout stats."""
-    prompts = [ex for ex in batch for _ in range(cfg.rollout.samples_per_prompt)]
-    t0 = time.perf_counter()
-    outs = generate_sharded(
-        actors.engines, [ex.student_ids for ex in prompts], seeds=sample_seeds(cfg.train.seed, step, len(prompts)),
-        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-    )
-    seconds = time.perf_counter() - t0
-    samples = [
-        {"student_ids": ex.student_ids, "teacher_ids": ex.teacher_ids, "completion_ids": o["token_ids"],
-         "logprobs": o["logprobs"]}
-        for ex, o in zip(prompts, outs)
-    ]
-    tokens = sum(len(o["token_ids"]) for o in outs)
-    return samples, {"tokens": tokens, "tokens_per_s": tokens / seconds, "mean_length": tokens / len(outs),
-                     "truncated_frac": sum(o["finish_reason"] == "length" for o in outs) / len(outs)}
+def shard(samples: list, ranks: int) -> list[list]:
+    """Contiguous, equal slices of a step's samples, one per learner rank."""
+    per = len(samples) // ranks
+    return [samples[r * per : (r + 1) * per] for r in range(ranks)]
+
+
+def merge_rank_metrics(per_rank: list[dict]) -> dict:
+    """Ranks hold equal numbers of sequences: means average, counts add, extremes combine. grad_norm and
+    lr are global already (DeepSpeed all-reduces the gradients)."""
+    n = len(per_rank)
+    return {
+        "loss": sum(m["loss"] for m in per_rank) / n, "kl": sum(m["kl"] for m in per_rank) / n,
+        "tokens": sum(m["tokens"] for m in per_rank),
+        "is_weight_mean": sum(m["is_weight_mean"] for m in per_rank) / n,
+        "is_weight_min": min(m["is_weight_min"] for m in per_rank),
+        "is_weight_max": max(m["is_weight_max"] for m in per_rank),
+        "grad_norm": per_rank[0]["grad_norm"], "lr": per_rank[0]["lr"],
+    }
+
+
+class LearnerFailed(RuntimeError):
+    pass
+
+
+def idle_ratios(record: dict, num_engines: int) -> dict:
+    """Share of the step's wall time each side spent waiting: the learner outside its step, the engines
+    outside generation (engine-side seconds, so overlapped generation counts as busy)."""
+    wall = record["timing_s"]["step"]
+    busy = record.get("rollout", {}).get("busy_s", 0.0)
+    return {"learner": max(0.0, 1 - record["timing_s"]["learner"] / wall),
+            "rollout": max(0.0, 1 - busy / (wall * max(num_engines, 1)))}
 
 
 def check_sync(actors: Actors, examples: list[Example], n: int = 2, max_new_tokens: int = 16) -> float:
@@ -70,8 +85,9 @@ def check_sync(actors: Actors, examples: list[Example], n: int = 2, max_new_toke
     return 1.0
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
-    """Run SDFT (or the SFT baseline) as configured; returns a summary dict."""
+def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], None] | None = None) -> dict:
+    """Run SDFT (or the SFT baseline) as configured; returns a summary dict. `on_step(step, actors)` is called
+    after every completed step (monitoring and fault-injection hooks)."""
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
@@ -80,52 +96,68 @@ def train(cfg: Config, resume: bool = False) -> dict:
     model_path = resolve_model(cfg.model.path, cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     train_set, eval_set = load_splits(cfg, tokenizer)
+    named_sets = load_eval_sets(cfg, tokenizer)  # eval.sets: e.g. prior skills (retention)
     steps = total_steps(cfg, len(train_set))
 
     ckpt = checkpoint.latest(out) if resume else None
     state = checkpoint.trainer_state(ckpt) if ckpt else {"step": 0}
     actors = launch(cfg, model_path, steps)
+    batch_for_step = lambda step: [train_set[i] for i in batch_indices(  # noqa: E731
+        step, cfg.train.batch_size, len(train_set), cfg.train.seed, cfg.data.shuffle)]
+    rollouts = RolloutScheduler(actors, cfg, batch_for_step, steps)
     try:
         if ckpt:
-            ray.get(actors.learner.load.remote(str(ckpt)))
+            ray.get([lr.load.remote(str(ckpt)) for lr in actors.learners])
         logger = MetricsLogger(cfg, out, resume_step=state["step"] if ckpt else None, wandb_id=state.get("wandb_id"))
-        actors.sync.push(version=state["step"])  # engines start from the learner's weights (resumed or not)
+        rollouts.push(version=state["step"])  # engines start from the learner's weights (resumed or not)
         summary = {"steps": steps, "start_step": state["step"], "train_examples": len(train_set),
-                   "eval_examples": len(eval_set)}
-        if state["step"] == 0 and eval_set:
-            summary["eval_before"] = evaluate(actors.engines, eval_set, tokenizer, cfg)
+                   "eval_examples": len(eval_set), "checkpoint": str(ckpt) if ckpt else None}
+        if state["step"] == 0 and (eval_set or named_sets):
+            summary["eval_before"] = evaluate_all(actors.engines, eval_set, named_sets, tokenizer, cfg)
             logger.log(0, {"eval": summary["eval_before"]})
 
         bar = tqdm(range(state["step"], steps), initial=state["step"], total=steps, desc=cfg.train.mode,
                    disable=not cfg.logging.progress, dynamic_ncols=True)
         for step in bar:
-            batch = [train_set[i] for i in batch_indices(step, cfg.train.batch_size, len(train_set),
-                                                          cfg.train.seed, cfg.data.shuffle)]
             timings, record = {}, {}
+            t_step = time.perf_counter()
             with timed(timings, "rollout"):
                 if cfg.train.mode == "sdft":
-                    samples, record["rollout"] = rollout_samples(actors, batch, cfg, step)
+                    samples, record["rollout"] = rollouts.take(step)
                 else:  # SFT: the demonstrations are the targets; nothing to sample
-                    samples = [{"student_ids": ex.student_ids, "completion_ids": ex.demo_ids} for ex in batch]
+                    samples = [{"student_ids": ex.student_ids, "completion_ids": ex.demo_ids}
+                               for ex in batch_for_step(step)]
+            rollouts.sleep()
             with timed(timings, "learner"):
-                record.update(ray.get(actors.learner.step.remote(samples)))
+                try:
+                    per_rank = ray.get([lr.step.remote(part) for lr, part in
+                                        zip(actors.learners, shard(samples, len(actors.learners)))])
+                except RayActorError as e:
+                    raise LearnerFailed(
+                        f"a learner rank died at step {step + 1} ({type(e).__name__}). Last complete checkpoint: "
+                        f"{summary['checkpoint'] or 'none'}; continue with `sdft train ... --resume`."
+                    ) from e
+                record.update(merge_rank_metrics(per_rank))
             with timed(timings, "sync"):
-                sync = actors.sync.push(version=step + 1)
+                sync = rollouts.push(version=step + 1)
                 if cfg.sync.check_greedy:
                     sync["greedy_match"] = check_sync(actors, train_set)
             record["sync"] = sync
-            record["timing_s"] = timings
+            record["timing_s"] = {**timings, "step": time.perf_counter() - t_step}
             record["learner_tokens_per_s"] = record["tokens"] / timings["learner"]
+            record["idle"] = idle_ratios(record, len(actors.engines))
             done = step + 1
             if (cfg.eval.every and done % cfg.eval.every == 0) or done == steps:
-                record["eval"] = evaluate(actors.engines, eval_set, tokenizer, cfg) if eval_set else {}
+                record["eval"] = evaluate_all(actors.engines, eval_set, named_sets, tokenizer, cfg)
                 summary["eval_after"] = record["eval"]
             logger.log(done, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}")
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == steps:
-                summary["checkpoint"] = str(checkpoint.save(actors.learner, out, done, cfg,
+                summary["checkpoint"] = str(checkpoint.save(actors.learners, out, done, cfg,
                                                             {"wandb_id": logger.wandb_id}))
             summary["last"] = record
+            if on_step is not None:
+                on_step(done, actors)
         logger.finish()
         return summary
     finally:

@@ -1,11 +1,16 @@
 """The DeepSpeed learner on its own (Ray actors, no vLLM): ZeRO stages and loss backends agree."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from actors.launcher import _free_port
+from actors.launcher import free_port
 from actors.learner import Learner
 from pipeline.config import load_config
+
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")  # the tiny-model smoke config
+
 
 pytestmark = pytest.mark.slow
 
@@ -22,10 +27,10 @@ def _samples(n=4):
 
 
 def _run(ray, model, *overrides, steps=2):
-    cfg = load_config(None, ["train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-2", "train.warmup_steps=0",
-                             "loss.skip_first_tokens=1", *overrides])
+    cfg = load_config(SMOKE, ["train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-2", "train.warmup_steps=0",
+                              "loss.skip_first_tokens=1", *overrides])
     actor = ray.remote(Learner).options(num_cpus=1, runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}}).remote(
-        cfg.model_dump(), model, 10, master_port=_free_port())
+        cfg.model_dump(), model, 10, master_port=free_port())
     try:
         metrics = [ray.get(actor.step.remote(_samples())) for _ in range(steps)]
         return metrics, ray.get(actor.export_weights.remote())

@@ -1,0 +1,124 @@
+"""Throughput of a small SDFT job on this machine: strict vs async rollouts, 1 vs 2 rollout engines, and the
+same rollouts through Hugging Face `generate` as the baseline for the vLLM engine.
+
+    python benchmarks/pipeline.py [--steps 12] [--batch 8] [--max-new-tokens 32] [--model tiny:llama]
+
+Prints one table, every row as a ratio to the first (strict, 1 engine), and the machine it ran on.
+Steady state: the first step (compilation, caches) is left out of the rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "configs" / "default.yaml"
+
+
+def _run(name: str, args, *overrides) -> dict:
+    from pipeline.config import load_config
+    from pipeline.driver import train
+
+    out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    cfg = load_config(SMOKE, [
+        f"output_dir={out}", f"model.path={args.model}", f"train.steps={args.steps}", f"train.batch_size={args.batch}",
+        f"train.micro_batch_size={args.batch}", f"rollout.max_new_tokens={args.max_new_tokens}", "data.eval_size=1",
+        "eval.max_new_tokens=1", "logging.progress=false", "logging.wandb=false", "checkpoint.every=0", *overrides,
+    ])
+    t0 = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - t0
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r][1:]  # steady state
+    seconds = sum(r["timing_s"]["step"] for r in steps)
+    tokens = sum(r["rollout"]["tokens"] for r in steps)
+    return {
+        "name": name, "steps_per_s": len(steps) / seconds, "tokens_per_s": tokens / seconds,
+        "rollout_s": sum(r["timing_s"]["rollout"] for r in steps) / len(steps),
+        "learner_s": sum(r["timing_s"]["learner"] for r in steps) / len(steps),
+        "sync_s": sum(r["timing_s"]["sync"] for r in steps) / len(steps),
+        "rollout_idle": sum(r["idle"]["rollout"] for r in steps) / len(steps),
+        "learner_idle": sum(r["idle"]["learner"] for r in steps) / len(steps),
+        "engine_tokens_per_s": sum(r["rollout"]["tokens_per_s"] for r in steps) / len(steps), "wall_s": wall,
+    }
+
+
+def _hf_generate(args) -> dict:
+    """The same prompts, sampled with HF generate (batched, left-padded) in one process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.config import load_config
+    from pipeline.data import load_splits
+    from pipeline.models import resolve_model
+
+    torch.set_num_threads(1)
+    path = resolve_model(args.model)
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    train_set, _ = load_splits(load_config(SMOKE, [f"model.path={args.model}", "data.eval_size=1"]), tok)
+    prompts = [ex.student_ids for ex in train_set[: args.batch]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    rates = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                                 max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 output_scores=True, return_dict_in_generate=True)
+        new = out.sequences[:, width:]
+        rates.append(int((new != tok.pad_token_id).sum()) / (time.perf_counter() - t0))
+    return {"name": "HF generate (rollouts only, 1 thread)", "engine_tokens_per_s": sorted(rates)[1]}
+
+
+def _machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--model", default="tiny:llama")
+    args = p.parse_args()
+    os.environ.setdefault("WANDB_MODE", "disabled")
+
+    rows = [
+        _run("strict, 1 engine", args),
+        _run("async (staleness 1), 1 engine", args, "async.max_staleness=1"),
+        _run("strict, 2 engines", args, "rollout.num_engines=2", "ray.rollout_cpus=0.5", "ray.learner_cpus=1"),
+        _hf_generate(args),
+    ]
+    base = rows[0]
+    print(f"\nSDFT pipeline throughput — {_machine()}")
+    print(f"model {args.model}, {args.steps} steps x {args.batch} prompts, {args.max_new_tokens} new tokens, "
+          "steady state (first step excluded)\n")
+    head = f"{'variant':38} {'steps/s':>8} {'ratio':>6} {'tok/s':>8} {'ratio':>6} {'engine tok/s':>12} {'ratio':>6}" \
+           f" {'rollout s':>9} {'learner s':>9} {'sync s':>7} {'idle R/L':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        def cell(key, fmt):
+            return (f"{r[key]:{fmt}}", f"{r[key] / base[key]:6.2f}") if key in r else ("-", "-")
+
+        sps, sps_r = cell("steps_per_s", "8.2f")
+        tps, tps_r = cell("tokens_per_s", "8.0f")
+        eng, eng_r = cell("engine_tokens_per_s", "12.0f")
+        timing = (f"{r['rollout_s']:9.3f} {r['learner_s']:9.3f} {r['sync_s']:7.3f} "
+                  f"{r['rollout_idle']:.2f}/{r['learner_idle']:.2f}") if "rollout_s" in r else ""
+        print(f"{r['name']:38} {sps:>8} {sps_r:>6} {tps:>8} {tps_r:>6} {eng:>12} {eng_r:>6} {timing}")
+
+
+if __name__ == "__main__":
+    main()

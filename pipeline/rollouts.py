@@ -1,0 +1,140 @@
+"""Rollouts as the driver sees them: generation submitted ahead of the learner within a staleness bound,
+weights pushed to every engine, and crashed engines restarted, re-synced and asked again.
+
+Generation for step j is submitted while the learner works on step j - k (k = async.max_staleness), so it
+runs on weights at most k versions old; every sample carries the version that produced it. Engines execute
+calls in order, so a weight push queued behind in-flight generation lands after it. With k = 0 this is the
+strict on-policy loop: generate, train, sync.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import ray
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+
+from actors.launcher import Actors
+from actors.rollout import submit_sharded
+
+from .data import Example
+
+RESTART_TIMEOUT_S = 600
+
+
+class EngineFailed(RuntimeError):
+    pass
+
+
+def sample_seeds(seed: int, step: int, n: int) -> list[int]:
+    """Per-request sampling seeds: a function of (seed, step, index), so a resumed or retried step samples
+    exactly what it would have."""
+    return [((seed * 1_000_003 + step) * 65_537 + i) % (2**31 - 1) for i in range(n)]
+
+
+@dataclass
+class _Pending:
+    prompts: list[Example]
+    seeds: list[int]
+    shards: list = field(default_factory=list)  # [(engine index, prompt indices, ObjectRef)]
+
+
+class RolloutScheduler:
+    def __init__(self, actors: Actors, cfg, batch_for_step: Callable[[int], list[Example]], total_steps: int):
+        self.actors, self.cfg, self.batch_for_step, self.total_steps = actors, cfg, batch_for_step, total_steps
+        self.pending: dict[int, _Pending] = {}
+        self.version = 0  # weight version the engines hold (= optimizer steps taken)
+        self.restarts = 0
+
+    # ---- weights -------------------------------------------------------------------------------------------
+    def push(self, version: int) -> dict:
+        """Send the learner's weights to every engine; an engine that died meanwhile is awaited and re-sent."""
+        self.version = version
+        if self.actors.colocated:
+            ray.get([e.wake_up.remote() for e in self.actors.engines])
+        try:
+            return self.actors.sync.push(version)
+        except RayActorError:
+            for i in range(len(self.actors.engines)):
+                self._await_engine(i)
+            return self.actors.sync.push(version)
+
+    def sleep(self) -> None:
+        """Colocated placement: engines release the GPU while the learner trains (a no-op on CPU)."""
+        if self.actors.colocated:
+            ray.get([e.sleep.remote() for e in self.actors.engines])
+
+    def _await_engine(self, i: int) -> None:
+        engine, deadline = self.actors.engines[i], time.monotonic() + RESTART_TIMEOUT_S
+        while True:
+            try:
+                ray.get(engine.__ray_ready__.remote(), timeout=30)
+                return
+            except ActorDiedError as e:
+                raise EngineFailed(f"rollout engine {i} died and cannot be restarted "
+                                   f"(ray.engine_max_restarts={self.cfg.ray.engine_max_restarts}): {e}") from None
+            except (RayActorError, GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise EngineFailed(f"rollout engine {i} did not come back within {RESTART_TIMEOUT_S}s") from None
+                time.sleep(1)
+
+    def _recover(self, i: int) -> None:
+        """A crashed engine restarts from the base weights: bring it to the current version before reuse."""
+        self.restarts += 1
+        self._await_engine(i)
+        self.actors.sync.push(self.version, engines=[self.actors.engines[i]])
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    def _sampling(self) -> dict:
+        r = self.cfg.rollout
+        return dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+
+    def _submit(self, step: int) -> None:
+        n = self.cfg.rollout.samples_per_prompt
+        prompts = [ex for ex in self.batch_for_step(step) for _ in range(n)]
+        job = _Pending(prompts, sample_seeds(self.cfg.train.seed, step, len(prompts)))
+        job.shards = submit_sharded(self.actors.engines, [ex.student_ids for ex in prompts], job.seeds,
+                                    **self._sampling())
+        self.pending[step] = job
+
+    def _collect(self, job: _Pending) -> list[dict]:
+        out: list[dict] = [None] * len(job.prompts)  # type: ignore[list-item]
+        for i, idx, ref in job.shards:
+            while True:
+                try:
+                    results = ray.get(ref)
+                    break
+                except RayActorError:  # the engine crashed mid-generation: restart, re-sync, same seeds again
+                    self._recover(i)
+                    engine = self.actors.engines[i]
+                    ref = engine.generate.remote([job.prompts[j].student_ids for j in idx],
+                                                 seeds=[job.seeds[j] for j in idx], **self._sampling())
+            for j, r in zip(idx, results):
+                out[j] = r
+        return out
+
+    def take(self, step: int) -> tuple[list[dict], dict]:
+        """Learner samples for `step`, plus rollout stats; keeps generation up to max_staleness steps ahead."""
+        ahead = self.cfg.async_.max_staleness
+        for j in range(step, min(step + ahead, self.total_steps - 1) + 1):
+            if j not in self.pending:
+                self._submit(j)
+        job = self.pending.pop(step)
+        outs = self._collect(job)
+        samples = [
+            {"student_ids": ex.student_ids, "teacher_ids": ex.teacher_ids, "completion_ids": o["token_ids"],
+             "logprobs": o["logprobs"]}
+            for ex, o in zip(job.prompts, outs)
+        ]
+        tokens = sum(len(o["token_ids"]) for o in outs)
+        busy = {i: outs[idx[0]]["gen_seconds"] for i, idx, _ in job.shards}  # engine-side seconds per engine
+        staleness = [step - o["weight_version"] for o in outs]
+        return samples, {
+            "tokens": tokens, "tokens_per_s": tokens / max(max(busy.values()), 1e-9),
+            "mean_length": tokens / len(outs),
+            "truncated_frac": sum(o["finish_reason"] == "length" for o in outs) / len(outs),
+            "staleness_mean": sum(staleness) / len(staleness), "staleness_max": max(staleness),
+            "busy_s": sum(busy.values()), "engine_restarts": self.restarts,
+        }
