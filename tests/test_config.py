@@ -6,11 +6,12 @@ import pytest
 
 from pipeline.config import TEACHER_TEMPLATE, ConfigError, load_config
 
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")  # the tiny-model smoke config
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_default_config_follows_spec_defaults():
-    cfg = load_config()
+    cfg = load_config(SMOKE)
     assert cfg.teacher.kind == "ema" and cfg.teacher.ema_alpha == 0.01
     assert cfg.loss.divergence == "forward_kl" and cfg.loss.is_cap == 2.0
     assert cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0 and cfg.rollout.samples_per_prompt == 1
@@ -26,7 +27,7 @@ def test_every_shipped_config_validates():
 
 
 def test_dotted_overrides_are_typed(tmp_path):
-    cfg = load_config(None, ["train.lr=1e-5", "rollout.max_new_tokens=64", "teacher.kind=frozen", "data.eval=null"])
+    cfg = load_config(SMOKE, ["train.lr=1e-5", "rollout.max_new_tokens=64", "teacher.kind=frozen", "data.eval=null"])
     assert cfg.train.lr == 1e-5 and cfg.rollout.max_new_tokens == 64 and cfg.teacher.kind == "frozen"
     assert cfg.data.eval is None
 
@@ -53,7 +54,7 @@ def test_wrong_type_names_key(tmp_path):
 
 def test_unknown_override_key():
     with pytest.raises(ConfigError, match="loss.divergense"):
-        load_config(None, ["loss.divergense=jsd"])
+        load_config(SMOKE, ["loss.divergense=jsd"])
 
 
 def test_bad_yaml_and_missing_file(tmp_path):
@@ -65,9 +66,9 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 def test_incompatible_options_rejected():
     with pytest.raises(ConfigError, match="multiple of train.micro_batch_size"):
-        load_config(None, ["train.batch_size=6", "train.micro_batch_size=4"])
+        load_config(SMOKE, ["train.batch_size=6", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="zero_stage"):
-        load_config(None, ["loss.backend=fused_linear", "train.zero_stage=3"])
+        load_config(SMOKE, ["loss.backend=fused_linear", "train.zero_stage=3"])
 
 
 def test_cli_reports_config_error_without_traceback(tmp_path):

@@ -10,6 +10,8 @@ from pipeline.data import (DataError, batch_indices, encode_context, load_exampl
                            tokenize_examples)
 from pipeline.models import ModelNotFound, resolve_model
 
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")  # the tiny-model smoke config
+
 ROOT = Path(__file__).resolve().parent.parent
 # Written out by hand from the official SDFT code, independently of pipeline/config.py.
 EXPECTED_TEACHER = (
@@ -19,13 +21,13 @@ EXPECTED_TEACHER = (
 
 
 def test_teacher_template_byte_exact():
-    cfg = load_config()
+    cfg = load_config(SMOKE)
     msgs = teacher_messages("What is 2+2?", "It is 4.", cfg.data.teacher_template)
     assert msgs == [{"role": "user", "content": EXPECTED_TEACHER}]
 
 
 def test_teacher_context_keeps_system_and_earlier_turns():
-    cfg = load_config()
+    cfg = load_config(SMOKE)
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
               {"role": "assistant", "content": "hello"}, {"role": "user", "content": "What is 2+2?"}]
     msgs = teacher_messages(prompt, "It is 4.", cfg.data.teacher_template)
@@ -38,7 +40,7 @@ def test_contexts_go_through_the_chat_template(tiny_model):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    ids = encode_context(tok, teacher_messages("What is 2+2?", "It is 4.", load_config().data.teacher_template))
+    ids = encode_context(tok, teacher_messages("What is 2+2?", "It is 4.", load_config(SMOKE).data.teacher_template))
     assert tok.decode(ids) == "<|im_start|>user\n" + EXPECTED_TEACHER + "<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -51,18 +53,18 @@ def _jsonl(tmp_path, rows, name="d.jsonl"):
 def test_malformed_row_names_file_and_line(tmp_path):
     p = _jsonl(tmp_path, [{"prompt": "a", "demonstration": "b"}, '{"prompt": "a", "demonstration": '])
     with pytest.raises(DataError, match=rf"{p}:2: not valid JSON"):
-        load_examples(str(p), load_config().data)
+        load_examples(str(p), load_config(SMOKE).data)
 
 
 def test_missing_demonstration_names_field_and_line(tmp_path):
     p = _jsonl(tmp_path, [{"prompt": "a", "demonstration": "b"}, {"prompt": "a", "demo": "b"}])
     with pytest.raises(DataError, match=rf"{p}:2: missing field 'demonstration'"):
-        load_examples(str(p), load_config().data)
+        load_examples(str(p), load_config(SMOKE).data)
 
 
 def test_configurable_field_names_and_chat_prompts(tmp_path):
     p = _jsonl(tmp_path, [{"q": [{"role": "user", "content": "x"}], "sol": "y", "ans": "z"}])
-    cfg = load_config(None, ["data.prompt_field=q", "data.demonstration_field=sol", "data.answer_field=ans"])
+    cfg = load_config(SMOKE, ["data.prompt_field=q", "data.demonstration_field=sol", "data.answer_field=ans"])
     (ex,) = load_examples(str(p), cfg.data)
     assert ex.prompt == [{"role": "user", "content": "x"}] and ex.demonstration == "y" and ex.answer == "z"
     bad = _jsonl(tmp_path, [{"q": [{"role": "system", "content": "x"}], "sol": "y"}], "bad.jsonl")
@@ -74,7 +76,7 @@ def test_prompt_longer_than_context_window(tmp_path, tiny_model):
     from transformers import AutoTokenizer
 
     p = _jsonl(tmp_path, [{"prompt": "short", "demonstration": "b"}, {"prompt": "word " * 300, "demonstration": "b"}])
-    cfg = load_config(None, ["model.max_model_len=256", "rollout.max_new_tokens=16"])
+    cfg = load_config(SMOKE, ["model.max_model_len=256", "rollout.max_new_tokens=16"])
     exs = load_examples(str(p), cfg.data)
     with pytest.raises(DataError, match=rf"{p}:2: prompt is \d+ tokens; with rollout.max_new_tokens=16 it exceeds "
                                         r"model.max_model_len=256"):
@@ -83,7 +85,7 @@ def test_prompt_longer_than_context_window(tmp_path, tiny_model):
 
 def test_missing_data_file_and_model_path(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        load_examples(str(tmp_path / "nope.jsonl"), load_config().data)
+        load_examples(str(tmp_path / "nope.jsonl"), load_config(SMOKE).data)
     with pytest.raises(ModelNotFound, match="does not exist"):
         resolve_model(str(tmp_path / "no-model"))
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", f"model.path={tmp_path}/no-model"],
@@ -95,7 +97,7 @@ def test_missing_data_file_and_model_path(tmp_path):
 def test_splits_and_batches_are_deterministic(tiny_model):
     from transformers import AutoTokenizer
 
-    cfg = load_config()
+    cfg = load_config(SMOKE)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     train, evals = load_splits(cfg, tok)
     train2, evals2 = load_splits(cfg, tok)
@@ -115,6 +117,6 @@ def test_datasets_folder_is_a_data_source(tmp_path):
 
     datasets.Dataset.from_list([{"prompt": "p1", "demonstration": "d1"}, {"prompt": "p2", "demonstration": "d2"}]) \
         .save_to_disk(str(tmp_path / "ds"))
-    exs = load_examples(str(tmp_path / "ds"), load_config().data)
+    exs = load_examples(str(tmp_path / "ds"), load_config(SMOKE).data)
     assert [(e.prompt, e.demonstration, e.answer) for e in exs] == [("p1", "d1", "d1"), ("p2", "d2", "d2")]
     assert exs[1].where.endswith("[1]")

@@ -12,15 +12,17 @@ from pipeline.cli import main as cli_main
 from pipeline.config import load_config
 from pipeline.driver import train
 
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")  # the tiny-model smoke config
+
 pytestmark = pytest.mark.slow
 
 TIMINGS = ("rollout", "learner", "sync")
 
 
 def _cfg(tmp_path, *overrides):
-    return load_config(None, [f"output_dir={tmp_path}", "logging.progress=false", "train.batch_size=4",
-                              "train.micro_batch_size=2", "rollout.max_new_tokens=12", "eval.max_new_tokens=8",
-                              *overrides])
+    return load_config(SMOKE, [f"output_dir={tmp_path}", "logging.progress=false", "train.batch_size=4",
+                               "train.micro_batch_size=2", "rollout.max_new_tokens=12", "eval.max_new_tokens=8",
+                               *overrides])
 
 
 def _records(out) -> list[dict]:
@@ -93,7 +95,7 @@ def test_resume_continues_exactly(tmp_path, ray_session, capsys):
     shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("step_000004", "wandb"))
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     (resumed / "metrics.jsonl").write_text("\n".join(lines + ['{"step": 3, "loss": -1.0}']) + "\n")  # stale line
-    assert cli_main(["train", "--output", str(resumed), "--steps", "4", "--resume", "logging.progress=false",
+    assert cli_main(["train", "--output", str(resumed), "--steps", "4", "--resume", SMOKE, "logging.progress=false",
                      "train.batch_size=4", "train.micro_batch_size=2", "rollout.max_new_tokens=12",
                      "eval.max_new_tokens=8"]) == 0
     got = [r["loss"] for r in _records(resumed) if "loss" in r]

@@ -1,0 +1,231 @@
+"""`sdft compare CONFIG`: base, SFT and SDFT from the same base model, the paper-style table, results.json and
+a plot of new-skill accuracy against prior-skill retention over training.
+
+Each method is an ordinary `sdft train` run (same config, same data, same eval; only `train.mode` differs) in
+OUTPUT/<method>/. The base row is the step-0 eval (identical for every method); the teacher row is the
+base model *with* the demonstration in context on the held-out new-skill prompts (eval.teacher).
+
+Sequential mode (`--sequential name=TRAIN,EVAL ...`): the stages train one after another, each starting from
+the previous stage's final weights; after each stage every stage's held-out set and the prior skills are
+evaluated, giving the forgetting table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import Config, load_config
+
+
+def _row(ev: dict, cfg: Config | None = None) -> dict:
+    """Headline numbers of one eval record; prior_acc per eval.prior_metric, prior_content = eval.metric."""
+    exact = cfg is not None and cfg.eval.prior_metric == "exact_match"
+    out = {"new_acc": ev.get("accuracy"), "new_exact": ev.get("exact_match"),
+           "prior_acc": ev.get("prior_exact") if exact else ev.get("prior_accuracy"),
+           "prior_content": ev.get("prior_accuracy")}
+    if "teacher_accuracy" in ev:
+        out["teacher_acc"] = ev["teacher_accuracy"]
+    sets = {k.removesuffix(".accuracy"): v for k, v in ev.items() if k.endswith(".accuracy")}
+    if sets:
+        out["sets"] = sets  # every named eval set (eval.sets), e.g. paraphrased questions or each prior skill
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def read_history(run_dir: Path, cfg: Config | None = None) -> list[dict]:
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("eval"):
+            rows.append({"step": rec["step"], **_row(rec["eval"], cfg)})
+    return rows
+
+
+def _method_cfg(config: str | None, overrides: list[str], out: Path, method: str) -> Config:
+    return load_config(config, [*overrides, f"output_dir={out / method}", f"train.mode={method}"])
+
+
+def run_compare(config: str | None, overrides: list[str], output: Path, methods: list[str]) -> dict:
+    from .driver import train
+
+    output.mkdir(parents=True, exist_ok=True)
+    results: dict = {"methods": methods, "history": {}}
+    for method in methods:
+        cfg = _method_cfg(config, overrides, output, method)
+        summary = train(cfg)
+        before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
+        if "base" not in results:
+            results["base"] = _row(before, cfg)
+            results["teacher"] = {"new_acc": before.get("teacher_accuracy"),
+                                  "new_exact": before.get("teacher_exact_match")}
+            results["config"] = cfg.model_dump()
+        results[method] = {**_row(after, cfg), "steps": summary["steps"],
+                           "teacher_after": after.get("teacher_accuracy")}
+        results["history"][method] = read_history(Path(cfg.output_dir), cfg)
+        if summary.get("checkpoint"):
+            results[method]["kl_to_base"] = kl_to_base(cfg, Path(summary["checkpoint"]) / "model")
+        results["base"].pop("teacher_acc", None)
+    results["prior_skills"] = list(results["config"]["eval"]["prior"])
+    (output / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, output / "compare.png")
+    print_table(results, str(output))
+    return results
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def print_table(results: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"base vs SFT vs SDFT — {title}")
+    for col in ("method", "new skill", "new, exact", "prior skills", "prior (eval.metric)", "teacher+demo",
+                "KL to base"):
+        t.add_column(col, justify="right" if col != "method" else "left", no_wrap=True)
+    teacher, base = results["teacher"], results["base"]
+    t.add_row("teacher (base + demo)", _fmt(teacher["new_acc"]), _fmt(teacher.get("new_exact")),
+              "–", "–", "–", "–")
+    t.add_row("base", _fmt(base.get("new_acc")), _fmt(base.get("new_exact")), _fmt(base.get("prior_acc")),
+              _fmt(base.get("prior_content")), _fmt(teacher["new_acc"]), "0")
+    for m in results["methods"]:
+        r = results[m]
+        t.add_row(f"{m.upper()} ({r['steps']} steps)", _fmt(r.get("new_acc")), _fmt(r.get("new_exact")),
+                  _fmt(r.get("prior_acc")), _fmt(r.get("prior_content")), _fmt(r.get("teacher_after")),
+                  "–" if r.get("kl_to_base") is None else f"{r['kl_to_base']:.3f}")
+    Console(width=max(Console().width, 130)).print(t)
+    print("Accuracy in % (greedy, held-out prompts, no demonstration). new skill: content right in any form "
+          "(eval.metric);\nnew, exact: the exact reference string; prior skills: eval.prior_metric; teacher+demo: "
+          "the model *with* the\ndemonstration in context; KL to base: mean per-token KL(base || model) on "
+          "prior-skill prompts, nats.")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"sdft": "tab:blue", "sft": "tab:red"}
+    for m in results["methods"]:
+        h = results["history"][m]
+        xs = [r.get("new_acc", 0) for r in h]
+        ys = [r.get("prior_acc", 0) for r in h]
+        a.plot(xs, ys, "o-", color=colors.get(m), label=m.upper(), ms=4)
+        steps = [r["step"] for r in h]
+        b.plot(steps, xs, "o-", color=colors.get(m), label=f"{m.upper()} new skill", ms=3)
+        b.plot(steps, ys, "s--", color=colors.get(m), label=f"{m.upper()} prior skills", ms=3)
+    a.plot([results["base"].get("new_acc", 0)], [results["base"].get("prior_acc", 0)], "k*", ms=12, label="base")
+    a.set_xlabel("new-skill accuracy (held out, no demonstration)")
+    a.set_ylabel("prior-skill accuracy (mean)")
+    a.set_xlim(-0.03, 1.03)
+    a.set_ylim(-0.03, 1.03)
+    a.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    a.set_title("learning vs retention over training")
+    b.set_xlabel("step")
+    b.set_ylabel("accuracy")
+    b.set_ylim(-0.03, 1.03)
+    b.grid(alpha=0.3)
+    b.legend(fontsize=7)
+    b.set_title("accuracy over training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def kl_to_base(cfg: Config, model_dir: Path, max_prompts: int = 300) -> float | None:
+    """Mean per-token KL(base || trained) on the prior-skill prompts (eval.prior sets), over the base model's
+    own greedy answers — how far training moved the model where it was already competent (the paper's
+    "KL to base"). In-process Hugging Face forwards; meant for small models."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import load_eval_sets
+    from .models import resolve_model
+
+    if not cfg.eval.prior:
+        return None
+    base_dir = resolve_model(cfg.model.path, cfg.train.seed)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    sets = load_eval_sets(cfg, tok)
+    prompts = [ex.student_ids for n in cfg.eval.prior for ex in sets[n]][:max_prompts]
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p in prompts:
+            x = torch.tensor([p])
+            seq = base.generate(x, max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id)
+            n = seq.shape[1] - len(p)
+            lb = torch.log_softmax(base(seq).logits[0, len(p) - 1:-1].float(), -1)
+            lm = torch.log_softmax(model(seq).logits[0, len(p) - 1:-1].float(), -1)
+            total += (lb.exp() * (lb - lm)).sum().item()
+            count += n
+    return total / max(count, 1)
+
+
+# ------------------------------------------------------------------------------------------- sequential
+def parse_stages(items: list[str]) -> list[tuple[str, str, str]]:
+    stages = []
+    for it in items:
+        name, _, rest = it.partition("=")
+        train_file, _, eval_file = rest.partition(",")
+        if not (name and train_file and eval_file):
+            raise ValueError(f"--sequential stage {it!r}: expected NAME=TRAIN.jsonl,EVAL.jsonl")
+        stages.append((name, train_file, eval_file))
+    return stages
+
+
+def run_sequential(config: str | None, overrides: list[str], output: Path, methods: list[str],
+                   stages: list[tuple[str, str, str]]) -> dict:
+    """Stages in a row; after each, accuracy on every stage's held-out set and the prior skills."""
+    from .checkpoint import latest
+    from .driver import train
+
+    output.mkdir(parents=True, exist_ok=True)
+    stage_sets = [f"eval.sets.{n}={e}" for n, _, e in stages]
+    results: dict = {"methods": methods, "stages": [s[0] for s in stages], "table": {}}
+    for method in methods:
+        model_override: list[str] = []
+        rows = []
+        for i, (name, train_file, eval_file) in enumerate(stages):
+            cfg = load_config(config, [*overrides, *stage_sets, *model_override,
+                                       f"output_dir={output / method / name}", f"train.mode={method}",
+                                       f"data.train={train_file}", f"data.eval={eval_file}"])
+            summary = train(cfg)
+            if i == 0:
+                results.setdefault("base", _stage_row(summary["eval_before"], stages, cfg))
+            rows.append({"after": name, **_stage_row(summary["eval_after"], stages, cfg)})
+            model_override = [f"model.path={latest(Path(cfg.output_dir)) / 'model'}"]
+        results["table"][method] = rows
+    (output / "results.json").write_text(json.dumps(results, indent=1))
+    print_sequential(results)
+    return results
+
+
+def _stage_row(ev: dict, stages, cfg) -> dict:
+    row = {n: ev.get(f"{n}.accuracy") for n, _, _ in stages}
+    row["prior_acc"] = _row(ev, cfg)["prior_acc"]
+    return row
+
+
+def print_sequential(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="sequential learning: accuracy after each stage (%)")
+    t.add_column("method / after")
+    for n in results["stages"]:
+        t.add_column(n, justify="right")
+    t.add_column("prior skills", justify="right")
+    t.add_row("base", *[_fmt(results["base"][n]) for n in results["stages"]], _fmt(results["base"]["prior_acc"]))
+    for m, rows in results["table"].items():
+        for r in rows:
+            t.add_row(f"{m.upper()} after {r['after']}", *[_fmt(r[n]) for n in results["stages"]],
+                      _fmt(r["prior_acc"]))
+    Console().print(t)
