@@ -123,9 +123,14 @@ def build_tiny_model(arch: str, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(tmp)
+    return _publish(tmp, folder)
+
+
+def _publish(tmp: Path, folder: Path) -> Path:
+    """Move a fully written temp folder into place; a concurrent builder that won the race is fine."""
     try:
         tmp.rename(folder)
-    except OSError:  # another process built it first
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
@@ -177,9 +182,8 @@ def package_model(name: str) -> Path:
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF-loaded model is flagged as quantized; rebuild a plain model from its config + weights.
     config = loaded.config
-    for attr in ("quantization_config",):
-        if hasattr(config, attr):
-            delattr(config, attr)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     state = {k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()}
     del loaded
     config.dtype = torch.bfloat16
@@ -191,8 +195,4 @@ def package_model(name: str) -> Path:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process built it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return _publish(tmp, folder)
