@@ -102,3 +102,16 @@ def test_learner_failure_ends_run_with_message_and_checkpoint(tmp_path, ray_sess
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "step_000002" / "model")  # usable
+
+
+def test_colocated_placement_shares_bundles(tmp_path, reference_run):
+    groups = {}
+
+    def record(step, actors):
+        groups["n"] = len(actors.placement_groups)
+        groups["bundles"] = actors.placement_groups[0].bundle_count
+
+    train(_cfg(tmp_path, "train.steps=3", "train.zero_stage=2", "ray.placement=colocated", "ray.learner_cpus=0.5",
+               "ray.rollout_cpus=0.5"), on_step=record)
+    assert groups == {"n": 1, "bundles": 1}  # learner rank 0 and engine 0 share one bundle
+    assert _losses(tmp_path) == pytest.approx(_losses(reference_run), rel=1e-4)
