@@ -13,11 +13,13 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path[0] = str(ROOT)  # this file's folder would otherwise shadow the `pipeline` package
 SMOKE = ROOT / "configs" / "default.yaml"
 
 
