@@ -94,13 +94,7 @@ class Learner:
             if on_gpu:
                 self.teacher.to("cuda", dtype=torch.float32 if cfg.teacher.kind == "ema" else self.dtype)
 
-        seqs_per_step = cfg.train.batch_size * (cfg.rollout.samples_per_prompt if cfg.train.mode == "sdft" else 1)
-        per_rank = seqs_per_step // world_size
-        if seqs_per_step % world_size or per_rank % cfg.train.micro_batch_size:
-            raise ValueError(
-                f"{seqs_per_step} sequences per step cannot be split into {world_size} rank(s) of micro-batches of "
-                f"{cfg.train.micro_batch_size}: adjust train.batch_size / train.micro_batch_size"
-            )
+        per_rank = cfg.sequences_per_step // world_size  # divisibility checked by Config
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self._scheduler(optimizer, total_steps),

@@ -177,10 +177,21 @@ class Config(_Section):
     sync: SyncConfig = SyncConfig()
     async_: AsyncConfig = Field(AsyncConfig(), alias="async")
 
+    @property
+    def sequences_per_step(self) -> int:
+        return self.train.batch_size * (self.rollout.samples_per_prompt if self.train.mode == "sdft" else 1)
+
     @model_validator(mode="after")
     def _compatible(self):
         if self.loss.backend == "fused_linear" and self.train.zero_stage == 3:
             raise ValueError("loss.backend=fused_linear needs the full lm_head on each rank: use train.zero_stage <= 2")
+        per_rank = self.ray.learner_ranks * self.train.micro_batch_size
+        if self.sequences_per_step % per_rank:
+            raise ValueError(
+                f"{self.sequences_per_step} sequences per step (train.batch_size x rollout.samples_per_prompt) cannot "
+                f"be split into {self.ray.learner_ranks} learner rank(s) x micro-batches of "
+                f"{self.train.micro_batch_size}: adjust train.batch_size / train.micro_batch_size / ray.learner_ranks"
+            )
         if self.sync.check_greedy and self.train.zero_stage == 3 and self.ray.learner_ranks > 1:
             raise ValueError("sync.check_greedy generates on learner rank 0 alone: not with ZeRO-3 over several ranks")
         if self.ray.placement == "colocated" and self.async_.max_staleness:

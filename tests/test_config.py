@@ -85,3 +85,11 @@ def test_cli_help_explains_commands():
     assert r.returncode == 0
     for flag in ("--output", "--steps", "--resume", "key=value"):
         assert flag in r.stdout
+
+
+def test_batch_must_split_over_learner_ranks():
+    with pytest.raises(ConfigError, match="cannot be split into 3 learner rank"):
+        load_config(SMOKE, ["train.batch_size=8", "train.micro_batch_size=2", "ray.learner_ranks=3"])
+    cfg = load_config(SMOKE, ["train.batch_size=8", "train.micro_batch_size=2", "ray.learner_ranks=2",
+                              "rollout.samples_per_prompt=2"])
+    assert cfg.sequences_per_step == 16
