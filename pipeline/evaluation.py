@@ -40,18 +40,30 @@ def make_scorer(metric: str, pattern: str | None = None) -> Callable[[str, Examp
     raise EvalError(f"eval.metric={metric!r}: use exact_match, contains, regex or 'package.module:function'")
 
 
+def _score(engines, groups: dict[str, tuple[list[list[int]], list[Example]]], tokenizer, cfg) -> dict[str, dict]:
+    """One batched greedy generation over every group of (prompt ids, examples); per group the accuracy
+    (eval.metric), exact match, count and mean completion length."""
+    scorer = make_scorer(cfg.eval.metric, cfg.eval.regex)
+    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+    prompts = [p for ids, _ in groups.values() for p in ids]
+    outs = generate_sharded(engines, prompts, max_new_tokens=max_new, temperature=0.0)
+    texts = tokenizer.batch_decode([o["token_ids"] for o in outs], skip_special_tokens=True)
+    res, i = {}, 0
+    for name, (ids, exs) in groups.items():
+        t, o = texts[i : i + len(ids)], outs[i : i + len(ids)]
+        i += len(ids)
+        res[name] = {
+            "accuracy": sum(float(scorer(x, ex)) for x, ex in zip(t, exs)) / len(exs),
+            "exact_match": sum(float(x.strip() == ex.answer.strip()) for x, ex in zip(t, exs)) / len(exs),
+            "num_examples": len(exs), "mean_completion_tokens": sum(len(r["token_ids"]) for r in o) / len(o),
+        }
+    return res
+
+
 def evaluate(engines: list, examples: list[Example], tokenizer, cfg) -> dict:
     if not examples:
         return {}
-    scorer = make_scorer(cfg.eval.metric, cfg.eval.regex)
-    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    outs = generate_sharded(engines, [ex.student_ids for ex in examples], max_new_tokens=max_new, temperature=0.0)
-    completions = [o["token_ids"] for o in outs]
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    scores = [float(scorer(t, ex)) for t, ex in zip(texts, examples)]
-    exact = sum(float(t.strip() == ex.answer.strip()) for t, ex in zip(texts, examples)) / len(examples)
-    return {"accuracy": sum(scores) / len(scores), "exact_match": exact, "num_examples": len(scores),
-            "mean_completion_tokens": sum(map(len, completions)) / len(completions)}
+    return _score(engines, {"eval": ([ex.student_ids for ex in examples], examples)}, tokenizer, cfg)["eval"]
 
 
 def load_eval_sets(cfg, tokenizer) -> dict[str, list[Example]]:
@@ -68,39 +80,27 @@ def load_eval_sets(cfg, tokenizer) -> dict[str, list[Example]]:
     return out
 
 
-def _score_all(engines, groups: dict[str, tuple[list[list[int]], list[Example]]], tokenizer, cfg) -> dict:
-    """One batched greedy generation over every group; accuracy (eval.metric) and exact match per group."""
-    scorer = make_scorer(cfg.eval.metric, cfg.eval.regex)
-    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    prompts = [p for ids, _ in groups.values() for p in ids]
-    outs = generate_sharded(engines, prompts, max_new_tokens=max_new, temperature=0.0)
-    texts = tokenizer.batch_decode([o["token_ids"] for o in outs], skip_special_tokens=True)
-    res, i = {}, 0
-    for name, (ids, exs) in groups.items():
-        t = texts[i:i + len(ids)]
-        i += len(ids)
-        res[name] = (sum(float(scorer(x, ex)) for x, ex in zip(t, exs)) / len(exs),
-                     sum(float(x.strip() == ex.answer.strip()) for x, ex in zip(t, exs)) / len(exs))
-    return res
-
-
 def evaluate_all(engines: list, examples: list[Example], sets: dict[str, list[Example]], tokenizer, cfg) -> dict:
     """`evaluate` on the eval set, plus (flat keys, so they log as eval/<key>): `teacher_accuracy` (the eval
     set with its demonstration in context, current weights) when eval.teacher, `<name>.accuracy` /
     `<name>.exact_match` for every named set, and `prior_accuracy` / `prior_exact` over eval.prior."""
-    res = evaluate(engines, examples, tokenizer, cfg) if examples else {}
-    groups = {name: ([ex.student_ids for ex in exs], exs) for name, exs in sets.items() if exs}
-    if cfg.eval.teacher and examples:
-        groups["__teacher__"] = ([ex.teacher_ids for ex in examples], examples)
+    groups = {f"set:{name}": ([ex.student_ids for ex in exs], exs) for name, exs in sets.items() if exs}
+    if examples:
+        groups["eval"] = ([ex.student_ids for ex in examples], examples)
+        if cfg.eval.teacher:
+            groups["teacher"] = ([ex.teacher_ids for ex in examples], examples)
     if not groups:
-        return res
-    scored = _score_all(engines, groups, tokenizer, cfg)
-    if "__teacher__" in scored:
-        res["teacher_accuracy"], res["teacher_exact_match"] = scored.pop("__teacher__")
-    for name, (acc, exact) in scored.items():
-        res[f"{name}.accuracy"], res[f"{name}.exact_match"] = acc, exact
-    prior = [n for n in cfg.eval.prior if n in scored]
+        return {}
+    scored = _score(engines, groups, tokenizer, cfg)
+    res = scored.pop("eval", {})
+    if "teacher" in scored:
+        teacher = scored.pop("teacher")
+        res["teacher_accuracy"], res["teacher_exact_match"] = teacher["accuracy"], teacher["exact_match"]
+    for key, r in scored.items():
+        name = key.removeprefix("set:")
+        res[f"{name}.accuracy"], res[f"{name}.exact_match"] = r["accuracy"], r["exact_match"]
+    prior = [scored[f"set:{n}"] for n in cfg.eval.prior if f"set:{n}" in scored]
     if prior:
-        res["prior_accuracy"] = sum(scored[n][0] for n in prior) / len(prior)
-        res["prior_exact"] = sum(scored[n][1] for n in prior) / len(prior)
+        res["prior_accuracy"] = sum(r["accuracy"] for r in prior) / len(prior)
+        res["prior_exact"] = sum(r["exact_match"] for r in prior) / len(prior)
     return res
