@@ -77,6 +77,15 @@ def _jsd_dprime(ls, lt, log_1mbeta, log_beta):
 
 
 @triton.jit
+def _load_block(s_ptr, t_ptr, idx, V, inv_tau):
+    """One vocab block of both rows at temperature tau, in fp32; -inf beyond V (zero probability)."""
+    mask = idx < V
+    a = tl.load(s_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau
+    b = tl.load(t_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau
+    return a, b, idx, mask
+
+
+@triton.jit
 def _divergence_fwd_kernel(
     S, T, stride_s, stride_t,
     LOSS, STATS,
@@ -97,10 +106,7 @@ def _divergence_fwd_kernel(
     #   W = sum_v e^{b - m_t} * ((b - m_t) - (a - m_s))      (coordinates relative to the running maxes,
     # so large common offsets cancel exactly); when the maxes grow, W is shifted and rescaled.
     for start in range(0, V, BLOCK_V):
-        idx = start + offs
-        mask = idx < V
-        a = tl.load(s_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau
-        b = tl.load(t_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau
+        a, b, idx, mask = _load_block(s_ptr, t_ptr, start + offs, V, inv_tau)
         m_s_old = m_s
         m_t_old = m_t
         d_t_old = d_t
@@ -121,10 +127,7 @@ def _divergence_fwd_kernel(
         acc = 0.0
         ks = 0.0
         for start in range(0, V, BLOCK_V):
-            idx = start + offs
-            mask = idx < V
-            a = tl.load(s_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau
-            b = tl.load(t_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau
+            a, b, idx, mask = _load_block(s_ptr, t_ptr, start + offs, V, inv_tau)
             ls = (a - m_s) - logd_s
             lt = (b - m_t) - logd_t
             ps = tl.exp(ls)
@@ -175,10 +178,7 @@ def _divergence_bwd_kernel(
     aux = tl.load(st + 4)
     scale = go * inv_tau
     for start in range(0, V, BLOCK_V):
-        idx = start + offs
-        mask = idx < V
-        a = tl.load(s_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau
-        b = tl.load(t_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau
+        a, b, idx, mask = _load_block(s_ptr, t_ptr, start + offs, V, inv_tau)
         ls = (a - m_s) - logd_s
         lt = (b - m_t) - logd_t
         ps = tl.exp(ls)
