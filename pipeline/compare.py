@@ -81,24 +81,30 @@ def print_table(results: dict, title: str) -> None:
     from rich.table import Table
 
     t = Table(title=f"base vs SFT vs SDFT — {title}")
-    for col in ("method", "new skill", "new, exact", "prior skills", "prior (eval.metric)", "teacher+demo",
-                "KL to base"):
+    ev = results.get("config", {}).get("eval", {})
+    extra = [n for n in ev.get("sets", {}) if n not in ev.get("prior", [])]  # e.g. paraphrased questions
+    for col in ("method", "new skill", "new, exact", *extra, "prior skills", "prior (eval.metric)",
+                "teacher+demo", "KL to base"):
         t.add_column(col, justify="right" if col != "method" else "left", no_wrap=True)
     teacher, base = results["teacher"], results["base"]
+
+    def sets(r):
+        return [_fmt(r.get("sets", {}).get(n)) for n in extra]
+
     t.add_row("teacher (base + demo)", _fmt(teacher["new_acc"]), _fmt(teacher.get("new_exact")),
-              "–", "–", "–", "–")
-    t.add_row("base", _fmt(base.get("new_acc")), _fmt(base.get("new_exact")), _fmt(base.get("prior_acc")),
-              _fmt(base.get("prior_content")), _fmt(teacher["new_acc"]), "0")
+              *["–"] * len(extra), "–", "–", "–", "–")
+    t.add_row("base", _fmt(base.get("new_acc")), _fmt(base.get("new_exact")), *sets(base),
+              _fmt(base.get("prior_acc")), _fmt(base.get("prior_content")), _fmt(teacher["new_acc"]), "0")
     for m in results["methods"]:
         r = results[m]
         t.add_row(f"{m.upper()} ({r['steps']} steps)", _fmt(r.get("new_acc")), _fmt(r.get("new_exact")),
-                  _fmt(r.get("prior_acc")), _fmt(r.get("prior_content")), _fmt(r.get("teacher_after")),
+                  *sets(r), _fmt(r.get("prior_acc")), _fmt(r.get("prior_content")), _fmt(r.get("teacher_after")),
                   "–" if r.get("kl_to_base") is None else f"{r['kl_to_base']:.3f}")
     Console(width=max(Console().width, 130)).print(t)
     print("Accuracy in % (greedy, held-out prompts, no demonstration). new skill: content right in any form "
-          "(eval.metric);\nnew, exact: the exact reference string; prior skills: eval.prior_metric; teacher+demo: "
-          "the model *with* the\ndemonstration in context; KL to base: mean per-token KL(base || model) on "
-          "prior-skill prompts, nats.")
+          "(eval.metric);\nnew, exact: the exact reference string; other named sets (eval.sets outside eval.prior, "
+          "e.g. paraphrased\nquestions): eval.metric; prior skills: eval.prior_metric; teacher+demo: the model *with* "
+          "the demonstration\nin context; KL to base: mean per-token KL(base || model) on prior-skill prompts, nats.")
 
 
 def plot(results: dict, path: Path) -> None:

@@ -17,7 +17,8 @@ def _fake_results():
 
     return {"methods": ["sft", "sdft"], "teacher": {"new_acc": 1.0}, "base": {"new_acc": 0.0, "prior_acc": 0.97},
             "sft": {"new_acc": 0.5, "prior_acc": 0.6, "steps": 100}, "sdft": {"new_acc": 0.9, "prior_acc": 0.9,
-            "steps": 100}, "history": {"sft": hist(0.5, 0.4), "sdft": hist(0.9, 0.1)}}
+            "steps": 100, "sets": {"paraphrased": 0.42}}, "history": {"sft": hist(0.5, 0.4), "sdft": hist(0.9, 0.1)},
+            "config": {"eval": {"sets": {"paraphrased": "p.jsonl", "copy": "c.jsonl"}, "prior": ["copy"]}}}
 
 
 def test_table_and_plot(tmp_path, capsys):
@@ -27,6 +28,7 @@ def test_table_and_plot(tmp_path, capsys):
     print_table(r, "t")
     out = capsys.readouterr().out
     assert "SDFT" in out and "90.0" in out and "97.0" in out
+    assert "paraphrased" in out and "42.0" in out  # a named set outside eval.prior gets its own column
 
 
 def test_stage_parsing_and_bad_methods(capsys):
@@ -39,10 +41,10 @@ def test_stage_parsing_and_bad_methods(capsys):
 
 @pytest.mark.slow
 def test_short_sdft_run_learns_the_new_skill(tmp_path, ray_session):
-    """60 SDFT steps on the toy world (frozen teacher, foreign-form demonstrations): held-out shift accuracy
+    """100 SDFT steps on the toy world (frozen teacher, foreign-form demonstrations): held-out shift accuracy
     without a demonstration goes from ~0 to a clear margin; results.json has the promised keys."""
     out = tmp_path / "cmp"
-    assert cli_main(["compare", "--methods", "sdft", "--output", str(out), "--steps", "60", "train.lr=1e-3",
+    assert cli_main(["compare", "--methods", "sdft", "--output", str(out), "--steps", "100", "train.lr=1e-3",
                      "train.lr_schedule=constant", "train.warmup_steps=5", "eval.every=0", "logging.progress=false",
                      "logging.wandb=false", "data.train=configs/data/toy/shift_train.jsonl"]) == 0
     r = json.loads((out / "results.json").read_text())
