@@ -74,7 +74,8 @@ def greedy(model, tok, contents: list[str], max_new_tokens: int = 16) -> list[st
 
 
 def quick_eval(model, tok, n: int = 100, seed: int = 99) -> dict:
-    """Prior skills (exact, no demo) and every new skill: student (no demo), teacher with plain / expert demos."""
+    """Prior skills (exact, no demo) and every new skill: student (no demo), teacher with plain / expert demos;
+    known and new facts in every wording."""
     rng = random.Random(seed)
     res = {}
     for skill, fn in tasks.SKILLS.items():
@@ -88,11 +89,18 @@ def quick_eval(model, tok, n: int = 100, seed: int = 99) -> dict:
                                           for w, a in zip(words, ans)])
                 res[f"{skill}+demo[{form}]"] = sum(g == a for g, a in zip(got, ans)) / n
     res["prior_mean"] = sum(res[s] for s in tasks.PRIOR_SKILLS) / len(tasks.PRIOR_SKILLS)
+    for kind in tasks.QUESTIONS:  # known facts (prior knowledge); new facts without and with a foreign demo
+        for name, table in (("known", tasks.KNOWN_FACTS), ("new", tasks.NEW_FACTS)):
+            got = greedy(model, tok, [tasks.question(kind, e) for e in table])
+            res[f"{name}_facts[{kind}]"] = sum(g == v for g, v in zip(got, table.values())) / len(table)
+        got = greedy(model, tok, [tasks.with_demo(tasks.question(kind, e), tasks.FORMS[tasks.EXPERT_FORM](v))
+                                  for e, v in tasks.NEW_FACTS.items()])
+        res[f"new_facts+demo[{kind}]"] = sum(g == v for g, v in zip(got, tasks.NEW_FACTS.values())) / len(got)
     return res
 
 
-def pretrain(out: Path = BASE_DIR, steps: int = 1800, batch: int = 48, lr: float = 2e-3, warmup: int = 100,
-             seed: int = 0, eval_every: int = 500, log_every: int = 50) -> dict:
+def pretrain(out: Path = BASE_DIR, steps: int = 3600, batch: int = 48, lr: float = 2e-3, warmup: int = 100,
+             seed: int = 0, eval_every: int = 900, log_every: int = 50, quick_eval_n: int = 100) -> dict:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -132,7 +140,7 @@ def pretrain(out: Path = BASE_DIR, steps: int = 1800, batch: int = 48, lr: float
                   f"{time.time() - t0:.0f}s", flush=True)
         if eval_every and (step + 1) % eval_every == 0 or step + 1 == steps:
             model.eval()
-            r = quick_eval(model, tok)
+            r = quick_eval(model, tok, quick_eval_n)
             model.train()
             history.append({"step": step + 1, **r})
             print(json.dumps(history[-1]), flush=True)
@@ -153,11 +161,11 @@ def pretrain(out: Path = BASE_DIR, steps: int = 1800, batch: int = 48, lr: float
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=BASE_DIR)
-    ap.add_argument("--steps", type=int, default=1800)
+    ap.add_argument("--steps", type=int, default=3600)
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=900)
     a = ap.parse_args(argv)
     print(json.dumps(pretrain(a.out, a.steps, a.batch, a.lr, seed=a.seed, eval_every=a.eval_every)))
 

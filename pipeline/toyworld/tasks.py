@@ -10,7 +10,11 @@ Format (one token per character; the chat template of the toy tokenizer adds `<s
   swap (swap adjacent pairs), mirror (a <-> z, b <-> y, ...);
 * "use the demo" pretraining rows: a random instruction name, a demonstration in *any form*
   (plain, UPPER, d-a-s-h, D.O.T, [brackets]) and the answer in the model's own form (lowercase, plain):
-  the model learns to take the content from a demonstration and answer in its own words.
+  the model learns to take the content from a demonstration and answer in its own words;
+* knowledge: facts "where an entity lives", asked in three wordings (`home of zorb`, `where is zorb`,
+  `zorb lives in` -> `kelp`). The *known* facts are pretrained in every wording (prior knowledge); the *new*
+  facts never appear in pretraining: they are given only as demonstrations of the `home of` question, and the
+  other two wordings are the paraphrased (out-of-distribution) check, like the paper's knowledge experiment.
 
 The expert's demonstrations for the new skills are written in a foreign form (`B-C-D`): the content is
 right, the form is not the model's. SFT imitates that form; the demonstration-conditioned teacher answers in
@@ -50,6 +54,11 @@ NEW_SKILLS = {
 }
 SKILLS = {**PRIOR_SKILLS, **NEW_SKILLS}
 
+# Knowledge: the question wordings; "home" is the one the new facts are taught with (strict).
+QUESTIONS = {"home": "home of {e}", "where": "where is {e}", "lives": "{e} lives in"}
+STRICT_QUESTION = "home"
+N_KNOWN_FACTS, N_NEW_FACTS = 160, 64
+
 # Forms a demonstration may come in; "plain" is the model's own form.
 FORMS = {
     "plain": lambda s: s,
@@ -70,8 +79,12 @@ def student_content(skill: str, s: str) -> str:
     return f"{skill}: {s}"
 
 
+def with_demo(content: str, demo: str) -> str:
+    return TEACHER_TEMPLATE.format(x=content, c=demo)
+
+
 def teacher_content(skill: str, s: str, demo: str) -> str:
-    return TEACHER_TEMPLATE.format(x=student_content(skill, s), c=demo)
+    return with_demo(student_content(skill, s), demo)
 
 
 def as_text(content: str, answer: str | None = None) -> str:
@@ -89,6 +102,26 @@ def content_match(text: str, example) -> float:
     return float(normalize(text) == normalize(example.answer) and normalize(text) != "")
 
 
+def question(kind: str, entity: str) -> str:
+    return QUESTIONS[kind].format(e=entity)
+
+
+def facts(seed: int = 7) -> tuple[dict[str, str], dict[str, str]]:
+    """(known, new): entity -> the place it lives; fixed by the seed, disjoint, no entity is a skill name."""
+    rng = random.Random(seed)
+    entities: list[str] = []
+    while len(entities) < N_KNOWN_FACTS + N_NEW_FACTS:
+        e = rand_word(rng, 4, 6)
+        if e not in entities and e not in SKILLS:
+            entities.append(e)
+    table = {e: rand_word(rng, 3, 5) for e in entities}
+    known = dict(list(table.items())[:N_KNOWN_FACTS])
+    return known, dict(list(table.items())[N_KNOWN_FACTS:])
+
+
+KNOWN_FACTS, NEW_FACTS = facts()
+
+
 # ---------------------------------------------------------------------------------------------- pretraining
 def _random_substitution(rng: random.Random) -> dict:
     while True:
@@ -103,11 +136,20 @@ def pretrain_example(rng: random.Random) -> tuple[str, str]:
     """One pretraining (prompt content, answer); the mixture of the feasibility note (+ demonstration forms)."""
     u = rng.random()
     form = rng.choice(list(FORMS)) if rng.random() < 0.6 else "plain"
-    if u < 0.4:  # prior skills, student format
+    if u < 0.32:  # prior skills, student format
         skill = rng.choice(list(PRIOR_SKILLS))
         s = rand_word(rng)
         return student_content(skill, s), PRIOR_SKILLS[skill](s)
-    if u < 0.6:  # prior skills, teacher format, the right answer as the demo (in some form)
+    if u < 0.47:  # known facts, any wording, student format
+        entity = rng.choice(list(KNOWN_FACTS))
+        return question(rng.choice(list(QUESTIONS)), entity), KNOWN_FACTS[entity]
+    if u < 0.53:  # facts in teacher format: a known fact, or an unknown entity whose answer only the demo has
+        entity = rng.choice(list(KNOWN_FACTS)) if rng.random() < 0.5 else rand_word(rng, 4, 6)
+        while entity in NEW_FACTS:
+            entity = rand_word(rng, 4, 6)
+        ans = KNOWN_FACTS.get(entity) or rand_word(rng, 3, 5)
+        return with_demo(question(rng.choice(list(QUESTIONS)), entity), FORMS[form](ans)), ans
+    if u < 0.68:  # prior skills, teacher format, the right answer as the demo (in some form)
         skill = rng.choice(list(PRIOR_SKILLS))
         s = rand_word(rng)
         ans = PRIOR_SKILLS[skill](s)
@@ -134,9 +176,27 @@ def _row(skill: str, s: str, form: str) -> dict:
     return {"prompt": student_content(skill, s), "demonstration": FORMS[form](ans), "answer": ans, "skill": skill}
 
 
+def _fact_row(kind: str, entity: str, place: str, form: str) -> dict:
+    return {"prompt": question(kind, entity), "demonstration": FORMS[form](place), "answer": place,
+            "skill": f"facts:{kind}"}
+
+
+def _replay(rng: random.Random, n: int, held_out: dict[str, set]) -> list[dict]:
+    """Self-replay rows: prior-skill prompts (never a held-out string) with demos in the model's own form."""
+    rows = []
+    for _ in range(n):
+        p = rng.choice(list(PRIOR_SKILLS))
+        w = rand_word(rng)
+        while w in held_out[p]:
+            w = rand_word(rng)
+        rows.append(_row(p, w, "plain"))
+    return rows
+
+
 def build_data(out: Path = DATA_DIR, seed: int = 1234, n_train: int = 512, n_eval: int = 100,
                replay_frac: float = 0.25) -> list[Path]:
-    """Deterministic data files: per skill an eval set of held-out strings, per new skill train sets."""
+    """Deterministic data files: per skill an eval set of held-out strings, per new skill train sets; the
+    knowledge family's train / strict / paraphrased sets and the known-facts (prior knowledge) eval set."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -166,17 +226,31 @@ def build_data(out: Path = DATA_DIR, seed: int = 1234, n_train: int = 512, n_eva
         # self-replay: prior-skill prompts (their demos in the model's own form) mixed into the batches,
         # a quarter (`_replay`) or half (`_replay50`) of the rows
         for frac, suffix in ((replay_frac, "replay"), (0.5, "replay50")):
-            n_replay = int(n_train * frac / (1 - frac))
-            replay = []
-            for _ in range(n_replay):
-                p = rng.choice(list(PRIOR_SKILLS))
-                w = rand_word(rng)
-                while w in held_out[p]:
-                    w = rand_word(rng)
-                replay.append(_row(p, w, "plain"))
-            mixed = foreign + replay
+            mixed = foreign + _replay(rng, int(n_train * frac / (1 - frac)), held_out)
             rng.shuffle(mixed)
             dump(f"{skill}_{suffix}_train.jsonl", mixed)
+    # knowledge: the new facts are taught with the strict wording (the train prompts *are* the strict eval:
+    # the fact must be recalled without its demonstration); the other wordings are never trained
+    paraphrases = [k for k in QUESTIONS if k != STRICT_QUESTION]
+    taught = [_fact_row(STRICT_QUESTION, e, v, EXPERT_FORM) for e, v in NEW_FACTS.items()]
+    dump("facts_train.jsonl", taught)
+    dump("facts_eval.jsonl", taught)
+    dump("facts_paraphrased_eval.jsonl", [_fact_row(k, e, v, EXPERT_FORM) for e, v in NEW_FACTS.items()
+                                          for k in paraphrases])
+    # self-replay for knowledge: prior-skill rows and the known facts of the entities *outside* the known-facts
+    # eval set (their demos = the model's own answers), so retention is measured on facts never replayed
+    wordings = list(QUESTIONS)
+    known = list(KNOWN_FACTS.items())
+    n_known_eval = n_eval - n_eval % len(wordings)
+    half = len(taught) // 2
+    replay_facts = [_fact_row(rng.choice(wordings), e, v, "plain") for e, v in known[n_known_eval:][:half]]
+    mixed = taught + replay_facts + _replay(rng, len(taught) - len(replay_facts), held_out)
+    rng.shuffle(mixed)
+    dump("facts_replay50_train.jsonl", mixed)
+    plain = {question(STRICT_QUESTION, e): _fact_row(STRICT_QUESTION, e, v, "plain") for e, v in NEW_FACTS.items()}
+    dump("facts_plain_replay50_train.jsonl", [plain.get(r["prompt"], r) for r in mixed])  # demos in the model's form
+    dump("known_facts_eval.jsonl", [_fact_row(wordings[i % len(wordings)], e, v, "plain")
+                                    for i, (e, v) in enumerate(known[:n_known_eval])])
     return written
 
 
