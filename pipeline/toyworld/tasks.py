@@ -230,10 +230,10 @@ def build_data(out: Path = DATA_DIR, seed: int = 1234, n_train: int = 512, n_eva
             rng.shuffle(mixed)
             dump(f"{skill}_{suffix}_train.jsonl", mixed)
     # knowledge: the new facts are taught with the strict wording (the train prompts *are* the strict eval:
-    # the fact must be recalled without its demonstration); the other wordings are never trained
+    # the fact must be recalled without its demonstration, so facts_eval.jsonl is also the no-replay train
+    # file); the other wordings are never trained
     paraphrases = [k for k in QUESTIONS if k != STRICT_QUESTION]
     taught = [_fact_row(STRICT_QUESTION, e, v, EXPERT_FORM) for e, v in NEW_FACTS.items()]
-    dump("facts_train.jsonl", taught)
     dump("facts_eval.jsonl", taught)
     dump("facts_paraphrased_eval.jsonl", [_fact_row(k, e, v, EXPERT_FORM) for e, v in NEW_FACTS.items()
                                           for k in paraphrases])
