@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import canonical
+
 MODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 MAX_BLOCK_V = 4096
 MIN_BLOCK_V = 16
@@ -77,6 +79,14 @@ def _jsd_dprime(ls, lt, log_1mbeta, log_beta):
 
 
 @triton.jit
+def _row_start(S, T, stride_s, stride_t, BLOCK_V: tl.constexpr):
+    """This program's row (int64, so row * stride cannot overflow), the student and teacher row
+    pointers, and the offsets within one vocab block."""
+    row = tl.program_id(0).to(tl.int64)
+    return row, S + row * stride_s, T + row * stride_t, tl.arange(0, BLOCK_V)
+
+
+@triton.jit
 def _load_block(s_ptr, t_ptr, idx, V, inv_tau):
     """One vocab block of both rows at temperature tau, in fp32; -inf beyond V (zero probability)."""
     mask = idx < V
@@ -86,16 +96,21 @@ def _load_block(s_ptr, t_ptr, idx, V, inv_tau):
 
 
 @triton.jit
+def _load_log_probs(s_ptr, t_ptr, idx, V, inv_tau, m_s, logd_s, m_t, logd_t):
+    """log pS, log pT of one vocab block from the row's final LSE stats (m = max, log d = log sum);
+    -inf beyond V."""
+    a, b, idx, mask = _load_block(s_ptr, t_ptr, idx, V, inv_tau)
+    return (a - m_s) - logd_s, (b - m_t) - logd_t, idx, mask
+
+
+@triton.jit
 def _divergence_fwd_kernel(
     S, T, stride_s, stride_t,
     LOSS, STATS,
     V, inv_tau, beta, log_beta, log_1mbeta,
     MODE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    s_ptr = S + row * stride_s
-    t_ptr = T + row * stride_t
-    offs = tl.arange(0, BLOCK_V)
+    row, s_ptr, t_ptr, offs = _row_start(S, T, stride_s, stride_t, BLOCK_V)
 
     m_s = float("-inf")
     d_s = 0.0
@@ -127,9 +142,7 @@ def _divergence_fwd_kernel(
         acc = 0.0
         ks = 0.0
         for start in range(0, V, BLOCK_V):
-            a, b, idx, mask = _load_block(s_ptr, t_ptr, start + offs, V, inv_tau)
-            ls = (a - m_s) - logd_s
-            lt = (b - m_t) - logd_t
+            ls, lt, idx, mask = _load_log_probs(s_ptr, t_ptr, start + offs, V, inv_tau, m_s, logd_s, m_t, logd_t)
             ps = tl.exp(ls)
             if MODE == 1:
                 acc += tl.sum(tl.where(ps > 0.0, ps * (ls - lt), 0.0), axis=0)
@@ -163,11 +176,8 @@ def _divergence_bwd_kernel(
     V, inv_tau, beta, log_beta, log_1mbeta,
     MODE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    s_ptr = S + row * stride_s
-    t_ptr = T + row * stride_t
+    row, s_ptr, t_ptr, offs = _row_start(S, T, stride_s, stride_t, BLOCK_V)
     g_ptr = G + row * stride_g
-    offs = tl.arange(0, BLOCK_V)
 
     go = tl.load(GO + row).to(tl.float32)
     st = STATS + row * 5
@@ -178,9 +188,7 @@ def _divergence_bwd_kernel(
     aux = tl.load(st + 4)
     scale = go * inv_tau
     for start in range(0, V, BLOCK_V):
-        a, b, idx, mask = _load_block(s_ptr, t_ptr, start + offs, V, inv_tau)
-        ls = (a - m_s) - logd_s
-        lt = (b - m_t) - logd_t
+        ls, lt, idx, mask = _load_log_probs(s_ptr, t_ptr, start + offs, V, inv_tau, m_s, logd_s, m_t, logd_t)
         ps = tl.exp(ls)
         if MODE == 0:
             g = ps - tl.exp(lt)
@@ -223,7 +231,7 @@ def _rowmajor(x):
 def _scalars(mode, beta, temperature):
     beta = float(beta)
     if mode == 2 and not (0.0 < beta < 1.0):
-        raise ValueError("internal: jsd kernel needs 0 < beta < 1 (end points map to the KLs)")
+        raise ValueError("internal: jsd kernel needs 0 < beta < 1 (reference.canonical maps the end points)")
     log_beta = math.log(beta) if beta > 0 else 0.0
     log_1mbeta = math.log1p(-beta) if beta < 1 else 0.0
     return 1.0 / float(temperature), beta, log_beta, log_1mbeta
@@ -292,9 +300,6 @@ def triton_token_divergence(student_logits, teacher_logits, divergence="forward_
                             temperature=1.0, block_v=None):
     """[N, V] x [N, V] -> [N] float32 (no argument validation; use kernels.token_divergence)."""
     beta = float(beta)
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "forward_kl"
-    elif divergence == "jsd" and beta == 1.0:
-        divergence = "reverse_kl"
+    divergence = canonical(divergence, beta)
     return TritonTokenDivergence.apply(student_logits, teacher_logits, MODES[divergence], beta,
                                        float(temperature), block_v)

@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from .reference import canonical
+
 
 _MODES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -166,10 +168,7 @@ def fused_linear_token_divergence_impl(student_hidden, student_weight, teacher_h
     if backend == "auto":
         backend = "triton" if student_hidden.is_cuda else "torch"
     beta = float(beta)
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "forward_kl"
-    elif divergence == "jsd" and beta == 1.0:
-        divergence = "reverse_kl"
+    divergence = canonical(divergence, beta)
     want_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad)
     return FusedLinearDivergence.apply(
         student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(), token_weights,

@@ -20,6 +20,7 @@ import math
 import torch
 
 __all__ = [
+    "canonical",
     "forward_kl",
     "reverse_kl",
     "jsd",
@@ -27,6 +28,15 @@ __all__ = [
     "sampled_kl",
     "reference_divergence",
 ]
+
+
+def canonical(divergence, beta):
+    """The divergence that is computed for ``(divergence, beta)``: jsd at ``beta == 0`` is exactly
+    :func:`forward_kl` and at ``beta == 1`` exactly :func:`reverse_kl`; every backend maps the end
+    points here (its jsd kernels only handle 0 < beta < 1).  Other names pass through unchanged."""
+    if divergence == "jsd":
+        return {0.0: "forward_kl", 1.0: "reverse_kl"}.get(float(beta), "jsd")
+    return divergence
 
 
 def _log_probs(student_logits, teacher_logits, temperature):
@@ -64,10 +74,9 @@ def jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0):
     the interior formula goes to 0, not to the KLs.
     """
     beta = float(beta)
-    if beta == 0.0:
-        return forward_kl(student_logits, teacher_logits, temperature)
-    if beta == 1.0:
-        return reverse_kl(student_logits, teacher_logits, temperature)
+    end_point = canonical("jsd", beta)
+    if end_point != "jsd":
+        return reference_divergence(student_logits, teacher_logits, end_point, temperature=temperature)
     ls, lt = _log_probs(student_logits, teacher_logits, temperature)
     ps, pt = ls.exp(), lt.exp()
     live = (ps > 0) | (pt > 0)

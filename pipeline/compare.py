@@ -149,6 +149,8 @@ def kl_to_base(cfg: Config, model_dir: Path, max_prompts: int = 300) -> float | 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kernels.reference import forward_kl
+
     from .evaluation import load_eval_sets
     from .models import resolve_model
 
@@ -168,9 +170,9 @@ def kl_to_base(cfg: Config, model_dir: Path, max_prompts: int = 300) -> float | 
             seq = base.generate(x, max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id,
                                 pad_token_id=tok.pad_token_id)
             n = seq.shape[1] - len(p)
-            lb = torch.log_softmax(base(seq).logits[0, len(p) - 1:-1].float(), -1)
-            lm = torch.log_softmax(model(seq).logits[0, len(p) - 1:-1].float(), -1)
-            total += (lb.exp() * (lb - lm)).sum().item()
+            zb = base(seq).logits[0, len(p) - 1:-1]
+            zm = model(seq).logits[0, len(p) - 1:-1]
+            total += forward_kl(zm, zb).sum().item()  # KL(base || model): the base in the teacher's place
             count += n
     return total / max(count, 1)
 

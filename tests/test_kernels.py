@@ -159,6 +159,14 @@ def test_fp16_triton():
     _check(zs, zt, "jsd", 0.3, backend="triton")
 
 
+def test_canonical_maps_only_the_jsd_end_points():
+    assert reference.canonical("jsd", 0.0) == "forward_kl"
+    assert reference.canonical("jsd", 1) == "reverse_kl"
+    assert reference.canonical("jsd", 0.5) == "jsd"
+    assert reference.canonical("forward_kl", 1.0) == "forward_kl"
+    assert reference.canonical("topk", 0.0) == "topk"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
 def test_beta_sweep(backend, beta):

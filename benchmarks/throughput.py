@@ -1,7 +1,7 @@
 """Throughput of a small SDFT job on this machine: strict vs async rollouts, 1 vs 2 rollout engines, and the
 same rollouts through Hugging Face `generate` as the baseline for the vLLM engine.
 
-    python benchmarks/pipeline.py [--steps 12] [--batch 8] [--max-new-tokens 32] [--model tiny:llama]
+    python benchmarks/throughput.py [--steps 12] [--batch 8] [--max-new-tokens 32] [--model tiny:llama]
 
 Prints one table, every row as a ratio to the first (strict, 1 engine), and the machine it ran on.
 Steady state: the first step (compilation, caches) is left out of the rates.
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)  # this file's folder would otherwise shadow the `pipeline` package
+sys.path.insert(0, str(ROOT))  # run by path, sys.path[0] is benchmarks/: import this checkout's `pipeline`
 SMOKE = ROOT / "configs" / "default.yaml"
 
 
