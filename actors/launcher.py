@@ -10,7 +10,6 @@ groups — and the weight sync between them.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, field
 
 import ray
@@ -18,8 +17,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .learner import Learner
+from .net import free_port
 from .rollout import RolloutEngine, engine_env
-from .weight_sync import make_sync, resolve_backend
+from .weight_sync import WeightSync, resolve_backend
 
 CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR", "SDFT_CACHE", "HF_HOME",
               "TRITON_INTERPRET", "WANDB_MODE", "HF_HUB_OFFLINE")
@@ -45,12 +45,6 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 @ray.remote(num_cpus=0)
 def _rendezvous() -> tuple[str, int]:
     """Address and a free port on the node of learner rank 0 (runs in rank 0's bundle)."""
@@ -61,7 +55,7 @@ def _rendezvous() -> tuple[str, int]:
 class Actors:
     learners: list
     engines: list
-    sync: object = None  # ObjectStoreSync | GpuSync
+    sync: WeightSync | None = None
     placement_groups: list = field(default_factory=list)
     colocated: bool = False
 
@@ -144,11 +138,11 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True) ->
         ray.get([a.__ray_ready__.remote() for a in [*learners, *engines]])
         if engines:
             backend = resolve_backend(cfg.sync.backend, gpu, cfg.ray.placement)
-            if backend != "object_store" and cfg.train.zero_stage == 3 and cfg.ray.learner_ranks > 1:
-                raise PlacementError(f"sync.backend={backend} stages weights on rank 0 alone; with ZeRO-3 over "
-                                     "several ranks use sync.backend=object_store or train.zero_stage<=2")
-            dtype = None if not gpu else ("bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype)
-            actors.sync = make_sync(backend, learners, engines, dtype, gather_all=cfg.train.zero_stage == 3)
+            if backend == "ipc" and cfg.train.zero_stage == 3 and cfg.ray.learner_ranks > 1:
+                raise PlacementError("sync.backend=ipc shares the whole model from rank 0's memory; with ZeRO-3 over "
+                                     "several ranks use sync.backend=nccl (bucketed gather) or train.zero_stage<=2")
+            actors.sync = WeightSync(backend, learners, engines, dtype=cfg.model.resolved_dtype(gpu) if gpu else None,
+                                     zero3=cfg.train.zero_stage == 3)
     except BaseException:
         actors.shutdown()
         raise

@@ -1,15 +1,16 @@
 """The rollout engine: one vLLM engine that samples completions from the current student.
 
 Runs as a Ray actor in its own process. On CPU the engine runs in-process (no engine-core subprocess,
-eager mode), which starts in seconds; weights arrive as an HF-named state dict through the object store and
-go through the worker's `reload_weights` (the CPU worker prepacks linear weights, so `load_weights` alone
-would leave them stale).
+eager mode), which starts in seconds. New weights arrive through this engine's end of the weight sync
+(`actors/weight_sync`).
 """
 
 from __future__ import annotations
 
 import os
 import time
+
+from .messages import Completion
 
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process: fast start, direct weight access
@@ -36,9 +37,8 @@ class RolloutEngine:
 
         self.cfg = cfg = Config.model_validate(cfg)
         on_gpu = torch.cuda.is_available()
-        dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         kwargs = dict(
-            model=model_path, dtype=dtype, seed=cfg.train.seed + engine_index, max_model_len=cfg.model.max_model_len,
+            model=model_path, dtype=cfg.model.resolved_dtype(on_gpu), seed=cfg.train.seed + engine_index, max_model_len=cfg.model.max_model_len,
             enforce_eager=cfg.rollout.enforce_eager, distributed_executor_backend="uni",
             trust_remote_code=cfg.model.trust_remote_code,
         )
@@ -46,15 +46,16 @@ class RolloutEngine:
             kwargs["gpu_memory_utilization"] = cfg.rollout.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = sleep_mode  # colocated: free the GPU while the learner trains
             if cfg.sync.backend in ("nccl", "ipc"):
-                from .weight_sync_gpu import engine_kwargs
+                from .weight_sync.vllm_transfer import engine_kwargs
 
                 kwargs.update(engine_kwargs(cfg.sync.backend))
         self.llm = LLM(**kwargs)
         self.sleep_mode = sleep_mode
         self.weight_version = 0
+        self.receiver = None  # this engine's end of the weight sync (open_sync)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-                 seeds: list[int] | None = None) -> list[dict]:
+                 seeds: list[int] | None = None) -> list[Completion]:
         """Sample one completion per prompt; temperature 0 is greedy. Returns token ids, per-token sampling
         logprobs (of the raw model distribution), the weight version that produced them and the call's duration."""
         from vllm import SamplingParams
@@ -75,20 +76,18 @@ class RolloutEngine:
             c = out.outputs[0]
             ids = list(c.token_ids)
             logprobs = [lp[t].logprob for t, lp in zip(ids, c.logprobs)] if c.logprobs else []
-            results.append({"token_ids": ids, "logprobs": logprobs, "finish_reason": c.finish_reason,
-                            "weight_version": self.weight_version, "gen_seconds": seconds})
+            results.append(Completion(ids, logprobs, c.finish_reason, self.weight_version, seconds))
         return results
 
-    def load_weights(self, state_dict: dict, version: int) -> dict:
-        """Load a full HF-named state dict (object-store sync) and drop cached prefixes of the old weights."""
-        t0 = time.perf_counter()
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": list(state_dict.items()), "is_checkpoint_format": True}
-        )
-        self.llm.reset_prefix_cache()
-        self.weight_version = version
-        nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
-        return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
+    def open_sync(self, backend: str) -> None:
+        """Create this engine's end of the weight sync (actors/weight_sync)."""
+        from .weight_sync import make_receiver
+
+        self.receiver = make_receiver(backend, self)
+
+    def sync(self, op: str, *args):
+        """Run one step of the weight sync's engine side; the driver's `WeightSync` decides which."""
+        return getattr(self.receiver, op)(*args)
 
     def sleep(self) -> None:
         if self.sleep_mode:
@@ -104,22 +103,10 @@ class RolloutEngine:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "weight_version": self.weight_version}
 
-    # GPU backends (vLLM's weight-transfer API); see actors/weight_sync_gpu.py
-    def gpu_sync_init(self, backend: str, init_info: dict) -> None:
-        from .weight_sync_gpu import engine_init
-
-        engine_init(self.llm, backend, init_info)
-
-    def gpu_sync_receive(self, backend: str, update_info: dict, version: int) -> None:
-        from .weight_sync_gpu import engine_receive
-
-        engine_receive(self.llm, backend, update_info)
-        self.weight_version = version
-
 
 def submit_sharded(engines: list, prompts: list[list[int]], seeds: list[int] | None = None, **sampling) -> list:
     """Spread prompts round-robin over the engines (Ray handles) without waiting: [(engine index, prompt
-    indices, ObjectRef)] for `collect_shard` / `generate_sharded`."""
+    indices, ObjectRef)], collected by `generate_sharded` or the scheduler."""
     shards = []
     for i, e in enumerate(engines):
         idx = list(range(i, len(prompts), len(engines)))
@@ -130,11 +117,12 @@ def submit_sharded(engines: list, prompts: list[list[int]], seeds: list[int] | N
     return shards
 
 
-def generate_sharded(engines: list, prompts: list[list[int]], seeds: list[int] | None = None, **sampling) -> list[dict]:
+def generate_sharded(engines: list, prompts: list[list[int]], seeds: list[int] | None = None,
+                     **sampling) -> list[Completion]:
     """Results in prompt order."""
     import ray
 
-    out: list[dict] = [None] * len(prompts)  # type: ignore[list-item]
+    out: list[Completion] = [None] * len(prompts)  # type: ignore[list-item]
     for _, idx, ref in submit_sharded(engines, prompts, seeds, **sampling):
         for j, r in zip(idx, ray.get(ref)):
             out[j] = r

@@ -32,67 +32,109 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    path: str = "tiny:llama"  # HF folder, hub id, or tiny:llama / tiny:qwen2
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    max_model_len: int = Field(1024, gt=0)
-    trust_remote_code: bool = False
+    path: str = Field(
+        "tiny:llama",
+        description="Hugging Face folder, hub id, `toy:base` (the toy world's base), `package:smollm2`, "
+        "or `tiny:llama` / `tiny:qwen2` (small random-weight test models)",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype of learner and engines; auto: bf16 on GPU, fp32 on CPU"
+    )
+    max_model_len: int = Field(
+        1024, gt=0, description="context length of the vLLM engines; prompt + rollout.max_new_tokens must fit"
+    )
+    trust_remote_code: bool = Field(False, description="passed to the tokenizer, the HF model and vLLM")
+
+    def resolved_dtype(self, on_gpu: bool) -> str:
+        """The dtype name `auto` stands for on this device."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if on_gpu else "float32"
 
 
 class DataConfig(_Section):
-    train: str = "configs/data/tiny.jsonl"  # JSONL file, a `datasets.save_to_disk` folder, or hf:<name>
-    eval: str | None = None  # same forms; None: hold out `eval_fraction` of train
-    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    eval_size: int | None = Field(None, gt=0)  # cap on eval examples
-    split: str = "train"  # split name for hub datasets
-    prompt_field: str = "prompt"
-    demonstration_field: str = "demonstration"
-    answer_field: str | None = "answer"  # reference for eval; falls back to the demonstration
-    teacher_template: str = TEACHER_TEMPLATE
-    shuffle: bool = True
+    train: str = Field(
+        "configs/data/tiny.jsonl",
+        description="training data: a JSONL file, a `datasets.save_to_disk` folder, or `hf:<hub name>`",
+    )
+    eval: str | None = Field(
+        None, description="eval data, same forms as `train`; None: hold out `eval_fraction` of train"
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="share of train held out for eval when `eval` is not set"
+    )
+    eval_size: int | None = Field(None, gt=0, description="cap on eval examples")
+    split: str = Field("train", description="split name for hub datasets and `save_to_disk` dataset dicts")
+    prompt_field: str = Field("prompt", description="row field holding the prompt (a string or chat messages)")
+    demonstration_field: str = Field("demonstration", description="row field holding the expert demonstration")
+    answer_field: str | None = Field("answer", description="reference for eval; falls back to the demonstration")
+    teacher_template: str = Field(
+        TEACHER_TEMPLATE,
+        description="teacher context: {x} the prompt, {c} the demonstration, folded into the last user turn "
+        "(default: the official SDFT template, byte for byte)",
+    )
+    shuffle: bool = Field(True, description="shuffle training rows each epoch (seeded by train.seed)")
 
 
 class RolloutConfig(_Section):
-    max_new_tokens: int = Field(256, gt=0)
-    temperature: float = Field(1.0, gt=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    samples_per_prompt: int = Field(1, ge=1)
-    num_engines: int = Field(1, ge=1)
-    enforce_eager: bool = True
-    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
-    cpu_kv_cache_gib: int = Field(1, ge=1)
+    max_new_tokens: int = Field(256, gt=0, description="longest sampled completion, in tokens")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature of the rollouts")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling threshold of the rollouts")
+    samples_per_prompt: int = Field(1, ge=1, description="completions sampled per prompt (SDFT)")
+    num_engines: int = Field(1, ge=1, description="vLLM rollout engines; prompts go to them round-robin")
+    enforce_eager: bool = Field(True, description="run vLLM without graph capture / compilation (fast start-up)")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0.0, le=1.0, description="share of GPU memory a vLLM engine may take (GPU only)"
+    )
+    cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache of a CPU vLLM engine in GiB (VLLM_CPU_KVCACHE_SPACE)")
 
 
 class TeacherConfig(_Section):
-    kind: Literal["ema", "frozen", "live"] = "ema"
-    ema_alpha: float = Field(0.01, gt=0.0, le=1.0)  # phi <- alpha*theta + (1-alpha)*phi
+    kind: Literal["ema", "frozen", "live"] = Field(
+        "ema", description="teacher weights: EMA of the student, the initial weights, or the current student"
+    )
+    ema_alpha: float = Field(
+        0.01, gt=0.0, le=1.0, description="EMA rate after every optimizer step: `phi <- alpha*theta + (1-alpha)*phi`"
+    )
 
 
 class LossConfig(_Section):
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "topk", "sampled"] = "forward_kl"
-    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)  # 0 -> forward KL, 1 -> reverse KL
-    temperature: float = Field(1.0, gt=0.0)
-    skip_first_tokens: int = Field(3, ge=0)
-    is_correction: bool = True
-    is_cap: float = Field(2.0, gt=0.0)
-    topk: int = Field(64, ge=1)
-    backend: Literal["torch", "triton", "fused_linear"] = "torch"
-    chunk_size: int = Field(1024, ge=1)  # fused_linear tokens per chunk
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "topk", "sampled"] = Field(
+        "forward_kl",
+        description="per-token divergence: KL(teacher||student), KL(student||teacher), generalized JSD, "
+        "teacher top-k + tail bucket, or a single-token estimator on the sample",
+    )
+    jsd_beta: float = Field(
+        0.5, ge=0.0, le=1.0, description="JSD mixing with divergence=jsd: 0 -> forward KL, 1 -> reverse KL"
+    )
+    temperature: float = Field(1.0, gt=0.0, description="logits are divided by it before the divergence")
+    skip_first_tokens: int = Field(3, ge=0, description="completion tokens masked out of the loss at the start")
+    is_correction: bool = Field(
+        True, description="weight each sequence by the truncated importance ratio train vs rollout logprobs"
+    )
+    is_cap: float = Field(2.0, gt=0.0, description="truncation of the per-token importance ratio")
+    topk: int = Field(64, ge=1, description="teacher tokens kept by divergence=topk")
+    backend: Literal["torch", "triton", "fused_linear"] = Field(
+        "torch",
+        description="divergence implementation: torch reference, Triton kernel, or fused lm_head + kernel in chunks",
+    )
+    chunk_size: int = Field(1024, ge=1, description="fused_linear tokens per chunk")
 
 
 class TrainConfig(_Section):
-    mode: Literal["sdft", "sft"] = "sdft"
-    steps: int | None = Field(None, gt=0)  # None: derived from epochs
-    epochs: float = Field(1.0, gt=0.0)
-    batch_size: int = Field(32, gt=0)  # prompts per optimizer step (effective batch)
-    micro_batch_size: int = Field(8, gt=0)  # sequences per forward/backward
-    lr: float = Field(5e-5, gt=0.0)
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    grad_clip: float = Field(1.0, gt=0.0)
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    gradient_checkpointing: bool = False
-    seed: int = 0
+    mode: Literal["sdft", "sft"] = Field("sdft", description="sdft, or the sft baseline (NLL on the demonstrations)")
+    steps: int | None = Field(None, gt=0, description="optimizer steps; None: derived from epochs")
+    epochs: float = Field(1.0, gt=0.0, description="passes over train when `steps` is not set")
+    batch_size: int = Field(32, gt=0, description="prompts per optimizer step (effective batch)")
+    micro_batch_size: int = Field(8, gt=0, description="sequences per forward/backward")
+    lr: float = Field(5e-5, gt=0.0, description="AdamW peak learning rate")
+    lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="learning-rate schedule after warm-up")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0.0, description="gradient-norm clipping")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage of the learner")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward of the student")
+    seed: int = Field(0, description="seed of data order, sampling (engine i uses seed + i) and tiny models")
 
     @model_validator(mode="after")
     def _micro_divides(self):
@@ -105,18 +147,33 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    every: int = Field(0, ge=0)  # steps between evals; 0: only before and after training
-    max_new_tokens: int | None = Field(None, gt=0)  # None: rollout.max_new_tokens
-    metric: str = "exact_match"  # exact_match | regex | contains | a callable "package.module:function"
-    regex: str | None = None  # with metric=regex: group 1 (or the match) is compared to the reference
-    # Named extra eval sets (name -> data source, same forms as data.train), scored with eval.metric and
-    # logged as eval.<name>.accuracy / eval.<name>.exact_match; e.g. the prior skills, to measure retention.
-    sets: dict[str, str] = Field(default_factory=dict)
-    prior: list[str] = Field(default_factory=list)  # names in `sets` averaged into eval.prior_accuracy / prior_exact
-    teacher: bool = False  # also score the eval set *with* its demonstration in context (teacher_accuracy)
-    # The headline prior-skill number of `sdft compare`: eval.metric (prior_accuracy) or exact match (prior_exact)
-    prior_metric: Literal["metric", "exact_match"] = "metric"
-    size: int | None = Field(None, gt=0)  # cap on examples per named set
+    every: int = Field(0, ge=0, description="steps between evals; 0: only before and after training")
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="greedy completion length at eval; None: rollout.max_new_tokens"
+    )
+    metric: str = Field(
+        "exact_match", description='exact_match | regex | contains | a callable "package.module:function"'
+    )
+    regex: str | None = Field(
+        None, description="with metric=regex: group 1 (or the match) is compared to the reference"
+    )
+    sets: dict[str, str] = Field(
+        default_factory=dict,
+        description="named extra eval sets (name -> data source, same forms as data.train), scored with eval.metric "
+        "and logged as `eval.<name>.accuracy` / `eval.<name>.exact_match`; e.g. the prior skills, to measure retention",
+    )
+    prior: list[str] = Field(
+        default_factory=list, description="names in `sets` averaged into eval.prior_accuracy / prior_exact"
+    )
+    teacher: bool = Field(
+        False, description="also score the eval set *with* its demonstration in context (teacher_accuracy)"
+    )
+    prior_metric: Literal["metric", "exact_match"] = Field(
+        "metric",
+        description="the headline prior-skill number of `sdft compare`: eval.metric (prior_accuracy) or exact "
+        "match (prior_exact)",
+    )
+    size: int | None = Field(None, gt=0, description="cap on examples per named set")
 
     @model_validator(mode="after")
     def _prior_in_sets(self):
@@ -127,55 +184,83 @@ class EvalConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every: int = Field(0, ge=0)  # 0: only at the end
-    keep_last: int = Field(2, ge=1)
+    every: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept in the output folder; older ones are deleted")
 
 
 class LoggingConfig(_Section):
-    wandb: bool = True  # offline when WANDB_API_KEY is unset
-    project: str = "sdft"
-    run_name: str | None = None
-    progress: bool = True
+    wandb: bool = Field(True, description="log to wandb; offline when WANDB_API_KEY is unset")
+    project: str = Field("sdft", description="wandb project")
+    run_name: str | None = Field(None, description="wandb run name; None: wandb picks one")
+    progress: bool = Field(True, description="show a progress bar")
 
 
 class RayConfig(_Section):
-    address: str | None = None  # None: join RAY_ADDRESS if set, else start a local instance
-    num_cpus: int | None = None  # local instance only
-    placement: Literal["disaggregated", "colocated"] = "disaggregated"
-    learner_ranks: int = Field(1, ge=1)  # M DeepSpeed data-parallel ranks (one GPU each on GPU clusters)
-    learner_cpus: float = Field(1.0, gt=0.0)
-    rollout_cpus: float = Field(1.0, gt=0.0)
-    # Extra Ray resources each learner / rollout bundle asks for, e.g. {"learner_node": 1} to pin roles to nodes.
-    learner_resources: dict[str, float] = {}
-    rollout_resources: dict[str, float] = {}
-    engine_max_restarts: int = Field(3, ge=0)  # a crashed rollout engine is restarted and re-synced
+    address: str | None = Field(
+        None, description="Ray cluster to join; None: join RAY_ADDRESS if set, else start a local instance"
+    )
+    num_cpus: int | None = Field(None, description="CPUs of the local instance (local instance only)")
+    placement: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated",
+        description="learner ranks and engines in bundles of their own, or learner rank i and engine i sharing "
+        "one bundle (one GPU; the engine sleeps while the learner trains)",
+    )
+    learner_ranks: int = Field(
+        1, ge=1, description="M DeepSpeed data-parallel ranks (one GPU each on GPU clusters)"
+    )
+    learner_cpus: float = Field(1.0, gt=0.0, description="CPUs per learner rank")
+    rollout_cpus: float = Field(1.0, gt=0.0, description="CPUs per rollout engine")
+    learner_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='extra Ray resources each learner bundle asks for, e.g. {"learner_node": 1} to pin the role to '
+        "nodes",
+    )
+    rollout_resources: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources each rollout bundle asks for"
+    )
+    engine_max_restarts: int = Field(
+        3, ge=0, description="a crashed rollout engine is restarted (up to this many times) and re-synced"
+    )
 
 
 class AsyncConfig(_Section):
-    # 0: strict on-policy (generate, train, sync). k >= 1: generation runs up to k weight versions ahead of the
-    # learner, overlapping with its steps; the truncated IS weight corrects for the lag.
-    max_staleness: int = Field(0, ge=0)
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="0: strict on-policy (generate, train, sync). k >= 1: generation runs up to k weight versions "
+        "ahead of the learner, overlapping with its steps; the truncated IS weight corrects for the lag",
+    )
 
 
 class SyncConfig(_Section):
-    backend: Literal["auto", "object_store", "nccl", "ipc"] = "auto"  # auto: object_store on CPU
-    check_greedy: bool = False  # after every sync, assert vLLM greedy == learner greedy (debug)
+    backend: Literal["auto", "object_store", "nccl", "ipc"] = Field(
+        "auto",
+        description="weight path learner -> engines; auto: object_store on CPU, nccl (disaggregated) or ipc "
+        "(colocated) on GPU",
+    )
+    check_greedy: bool = Field(
+        False, description="after every sync, assert vLLM greedy == learner greedy (debug)"
+    )
 
 
 class Config(_Section):
-    output_dir: str = "runs/default"
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    rollout: RolloutConfig = RolloutConfig()
-    teacher: TeacherConfig = TeacherConfig()
-    loss: LossConfig = LossConfig()
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    logging: LoggingConfig = LoggingConfig()
-    ray: RayConfig = RayConfig()
-    sync: SyncConfig = SyncConfig()
-    async_: AsyncConfig = Field(AsyncConfig(), alias="async")
+    output_dir: str = Field(
+        "runs/default", description="where metrics.jsonl, checkpoints and logs go (`sdft train --output`)"
+    )
+    model: ModelConfig = Field(ModelConfig(), description="the model trained (student and teacher start from it)")
+    data: DataConfig = Field(DataConfig(), description="training and eval data, and the teacher context")
+    rollout: RolloutConfig = Field(RolloutConfig(), description="sampling from the student in the vLLM engines")
+    teacher: TeacherConfig = Field(TeacherConfig(), description="which weights the teacher uses")
+    loss: LossConfig = Field(LossConfig(), description="the per-token SDFT loss")
+    train: TrainConfig = Field(TrainConfig(), description="optimizer, batch and the DeepSpeed learner")
+    eval: EvalConfig = Field(EvalConfig(), description="greedy evaluation without demonstrations")
+    checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="checkpoints under the output folder")
+    logging: LoggingConfig = Field(LoggingConfig(), description="wandb and the console")
+    ray: RayConfig = Field(RayConfig(), description="the Ray cluster and actor placement")
+    sync: SyncConfig = Field(SyncConfig(), description="pushing the student's weights to the engines")
+    async_: AsyncConfig = Field(
+        AsyncConfig(), alias="async", description="overlapping generation with learner steps"
+    )
 
     @property
     def sequences_per_step(self) -> int:

@@ -1,7 +1,7 @@
 """The training loop: batch -> rollout -> learner step -> weight sync -> metrics (-> eval, checkpoint).
 
 Strictly on-policy by default; with async.max_staleness = k generation runs up to k steps ahead
-(pipeline/rollouts.py). Learner ranks each take an equal slice of the step's samples.
+(pipeline/scheduler.py). Learner ranks each take an equal slice of the step's samples.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import ray
 from ray.exceptions import RayActorError
 
 from actors.launcher import Actors, launch
+from actors.messages import Sample, StepMetrics
 
 from . import checkpoint
 from .config import Config
 from .data import Example, batch_indices, load_splits
 from .evaluation import evaluate_all, load_eval_sets
 from .models import resolve_model
-from .rollouts import RolloutScheduler
+from .scheduler import RolloutScheduler
 from .tracking import MetricsLogger
 
 
@@ -47,20 +48,6 @@ def shard(samples: list, ranks: int) -> list[list]:
     return [samples[r * per : (r + 1) * per] for r in range(ranks)]
 
 
-def merge_rank_metrics(per_rank: list[dict]) -> dict:
-    """Ranks hold equal numbers of sequences: means average, counts add, extremes combine. grad_norm and
-    lr are global already (DeepSpeed all-reduces the gradients)."""
-    n = len(per_rank)
-    return {
-        "loss": sum(m["loss"] for m in per_rank) / n, "kl": sum(m["kl"] for m in per_rank) / n,
-        "tokens": sum(m["tokens"] for m in per_rank),
-        "is_weight_mean": sum(m["is_weight_mean"] for m in per_rank) / n,
-        "is_weight_min": min(m["is_weight_min"] for m in per_rank),
-        "is_weight_max": max(m["is_weight_max"] for m in per_rank),
-        "grad_norm": per_rank[0]["grad_norm"], "lr": per_rank[0]["lr"],
-    }
-
-
 class LearnerFailed(RuntimeError):
     pass
 
@@ -79,7 +66,7 @@ def check_sync(actors: Actors, examples: list[Example], n: int = 2, max_new_toke
     prompts = [ex.student_ids for ex in examples[:n]]
     want = ray.get(actors.learner.greedy.remote(prompts, max_new_tokens))
     for e in actors.engines:
-        got = [o["token_ids"] for o in ray.get(e.generate.remote(prompts, max_new_tokens=max_new_tokens, temperature=0.0))]
+        got = [o.token_ids for o in ray.get(e.generate.remote(prompts, max_new_tokens=max_new_tokens, temperature=0.0))]
         if got != want:
             raise SyncMismatch(f"engine greedy output {got} differs from the learner's {want} after weight sync")
     return 1.0
@@ -125,8 +112,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
                 if cfg.train.mode == "sdft":
                     samples, record["rollout"] = rollouts.take(step)
                 else:  # SFT: the demonstrations are the targets; nothing to sample
-                    samples = [{"student_ids": ex.student_ids, "completion_ids": ex.demo_ids}
-                               for ex in batch_for_step(step)]
+                    samples = [Sample(ex.student_ids, ex.demo_ids) for ex in batch_for_step(step)]
             rollouts.sleep()
             with timed(timings, "learner"):
                 try:
@@ -137,7 +123,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
                         f"a learner rank died at step {step + 1} ({type(e).__name__}). Last complete checkpoint: "
                         f"{summary['checkpoint'] or 'none'}; continue with `sdft train ... --resume`."
                     ) from e
-                record.update(merge_rank_metrics(per_rank))
+                record.update(StepMetrics.merge(per_rank).as_dict())
             with timed(timings, "sync"):
                 sync = rollouts.push(version=step + 1)
                 if cfg.sync.check_greedy:

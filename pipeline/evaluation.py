@@ -47,7 +47,7 @@ def _score(engines, groups: dict[str, tuple[list[list[int]], list[Example]]], to
     max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
     prompts = [p for ids, _ in groups.values() for p in ids]
     outs = generate_sharded(engines, prompts, max_new_tokens=max_new, temperature=0.0)
-    texts = tokenizer.batch_decode([o["token_ids"] for o in outs], skip_special_tokens=True)
+    texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
     res, i = {}, 0
     for name, (ids, exs) in groups.items():
         t, o = texts[i : i + len(ids)], outs[i : i + len(ids)]
@@ -55,7 +55,7 @@ def _score(engines, groups: dict[str, tuple[list[list[int]], list[Example]]], to
         res[name] = {
             "accuracy": sum(float(scorer(x, ex)) for x, ex in zip(t, exs)) / len(exs),
             "exact_match": sum(float(x.strip() == ex.answer.strip()) for x, ex in zip(t, exs)) / len(exs),
-            "num_examples": len(exs), "mean_completion_tokens": sum(len(r["token_ids"]) for r in o) / len(o),
+            "num_examples": len(exs), "mean_completion_tokens": sum(len(r.token_ids) for r in o) / len(o),
         }
     return res
 

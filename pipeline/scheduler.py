@@ -17,6 +17,7 @@ import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from actors.launcher import Actors
+from actors.messages import Completion, Sample
 from actors.rollout import submit_sharded
 
 from .data import Example
@@ -50,7 +51,7 @@ class RolloutScheduler:
 
     # ---- weights -------------------------------------------------------------------------------------------
     def push(self, version: int) -> dict:
-        """Send the learner's weights to every engine; an engine that died meanwhile is awaited and re-sent."""
+        """Send the learner's weights to every engine; engines that died meanwhile are awaited and re-synced."""
         self.version = version
         if self.actors.colocated:
             ray.get([e.wake_up.remote() for e in self.actors.engines])
@@ -59,7 +60,7 @@ class RolloutScheduler:
         except RayActorError:
             for i in range(len(self.actors.engines)):
                 self._await_engine(i)
-            return self.actors.sync.push(version)
+            return self.actors.sync.resync(list(range(len(self.actors.engines))))
 
     def sleep(self) -> None:
         """Colocated placement: engines release the GPU while the learner trains (a no-op on CPU)."""
@@ -84,7 +85,7 @@ class RolloutScheduler:
         """A crashed engine restarts from the base weights: bring it to the current version before reuse."""
         self.restarts += 1
         self._await_engine(i)
-        self.actors.sync.push(self.version, engines=[self.actors.engines[i]])
+        self.actors.sync.resync([i])
 
     # ---- generation ----------------------------------------------------------------------------------------
     def _sampling(self) -> dict:
@@ -99,8 +100,8 @@ class RolloutScheduler:
                                     **self._sampling())
         self.pending[step] = job
 
-    def _collect(self, job: _Pending) -> list[dict]:
-        out: list[dict] = [None] * len(job.prompts)  # type: ignore[list-item]
+    def _collect(self, job: _Pending) -> list[Completion]:
+        out: list[Completion] = [None] * len(job.prompts)  # type: ignore[list-item]
         for i, idx, ref in job.shards:
             while True:
                 try:
@@ -115,7 +116,7 @@ class RolloutScheduler:
                 out[j] = r
         return out
 
-    def take(self, step: int) -> tuple[list[dict], dict]:
+    def take(self, step: int) -> tuple[list[Sample], dict]:
         """Learner samples for `step`, plus rollout stats; keeps generation up to max_staleness steps ahead."""
         ahead = self.cfg.async_.max_staleness
         for j in range(step, min(step + ahead, self.total_steps - 1) + 1):
@@ -123,18 +124,15 @@ class RolloutScheduler:
                 self._submit(j)
         job = self.pending.pop(step)
         outs = self._collect(job)
-        samples = [
-            {"student_ids": ex.student_ids, "teacher_ids": ex.teacher_ids, "completion_ids": o["token_ids"],
-             "logprobs": o["logprobs"]}
-            for ex, o in zip(job.prompts, outs)
-        ]
-        tokens = sum(len(o["token_ids"]) for o in outs)
-        busy = {i: outs[idx[0]]["gen_seconds"] for i, idx, _ in job.shards}  # engine-side seconds per engine
-        staleness = [step - o["weight_version"] for o in outs]
+        samples = [Sample(ex.student_ids, o.token_ids, ex.teacher_ids, o.logprobs, o.weight_version)
+                   for ex, o in zip(job.prompts, outs)]
+        tokens = sum(len(o.token_ids) for o in outs)
+        busy = {i: outs[idx[0]].gen_seconds for i, idx, _ in job.shards}  # engine-side seconds per engine
+        staleness = [step - o.weight_version for o in outs]
         return samples, {
             "tokens": tokens, "tokens_per_s": tokens / max(max(busy.values()), 1e-9),
             "mean_length": tokens / len(outs),
-            "truncated_frac": sum(o["finish_reason"] == "length" for o in outs) / len(outs),
+            "truncated_frac": sum(o.finish_reason == "length" for o in outs) / len(outs),
             "staleness_mean": sum(staleness) / len(staleness), "staleness_max": max(staleness),
             "busy_s": sum(busy.values()), "engine_restarts": self.restarts,
         }

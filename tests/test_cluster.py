@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from actors.launcher import free_port
+from actors.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "default.yaml"

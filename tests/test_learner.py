@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.launcher import free_port
+from actors.net import free_port
 from actors.learner import Learner
+from actors.messages import Sample
 from pipeline.config import load_config
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")  # the tiny-model smoke config
@@ -22,7 +23,7 @@ def _samples(n=4):
         x = torch.randint(3, 380, (4 + i,), generator=g).tolist()
         c = torch.randint(3, 380, (3,), generator=g).tolist()
         y = torch.randint(3, 380, (5 + i % 2,), generator=g).tolist() + [2]  # 2 = <|im_end|> (EOS)
-        out.append({"student_ids": x, "teacher_ids": c + x, "completion_ids": y, "logprobs": [-6.0] * len(y)})
+        out.append(Sample(student_ids=x, completion_ids=y, teacher_ids=c + x, logprobs=[-6.0] * len(y)))
     return out
 
 
@@ -32,8 +33,9 @@ def _run(ray, model, *overrides, steps=2):
     actor = ray.remote(Learner).options(num_cpus=1, runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}}).remote(
         cfg.model_dump(), model, 10, master_port=free_port())
     try:
-        metrics = [ray.get(actor.step.remote(_samples())) for _ in range(steps)]
-        return metrics, ray.get(actor.export_weights.remote())
+        metrics = [ray.get(actor.step.remote(_samples())).as_dict() for _ in range(steps)]
+        ray.get(actor.open_sync.remote("object_store"))
+        return metrics, ray.get(actor.sync.remote("export"))
     finally:
         ray.kill(actor)
 
@@ -60,4 +62,6 @@ def test_loss_backends_agree(ray_session, tiny_model):
         m, w = _run(ray_session, tiny_model, f"loss.backend={backend}", "loss.chunk_size=7", steps=1)
         assert m[0]["loss"] == pytest.approx(torch_m[0]["loss"], rel=1e-5)
         assert m[0]["is_weight_mean"] == pytest.approx(torch_m[0]["is_weight_mean"], rel=1e-5)
-        _close(w, torch_w, 1e-5)
+        # Adam's first step is ~lr * g / |g|: on embedding rows whose gradient is ~1e-8 the last bits of g decide
+        # the update, so weights agree to a small fraction of one step (lr = 1e-2), not to float32 precision.
+        _close(w, torch_w, 5e-5)

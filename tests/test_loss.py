@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kernels
-from actors.learner import completion_hidden, ema_update
+from actors.forward import completion_hidden
+from actors.teacher import ema_update
 from actors.loss import TokenLayout, sdft_loss, sft_loss, token_logprobs
 
 EOS = 1

@@ -49,5 +49,5 @@ def test_smollm2_converts_and_generates_in_vllm(ray_session):
         out = ray.get(engine.generate.remote([prompt], max_new_tokens=16, temperature=0.0))[0]
     finally:
         ray.kill(engine)
-    text = tok.decode(out["token_ids"], skip_special_tokens=True)
+    text = tok.decode(out.token_ids, skip_special_tokens=True)
     assert "Paris" in text, json.dumps(text)

@@ -152,6 +152,6 @@ def test_vllm_loads_the_toy_checkpoint_and_agrees_with_hf(toy, ray_session):
         outs = ray.get(engine.generate.remote(prompts, max_new_tokens=16, temperature=0.0))
     finally:
         ray.kill(engine)
-    got = [tok.decode(o["token_ids"], skip_special_tokens=True) for o in outs]
+    got = [tok.decode(o.token_ids, skip_special_tokens=True) for o in outs]
     assert got == _hf_greedy(model, tok, prompts)
     assert sum(g == ex.answer for g, ex in zip(got[:8], evals[:8])) >= 7

@@ -1,15 +1,23 @@
-"""Where weights cross from the learner to the rollout engines, once per step.
+"""The weight path from the learner to the rollout engines, once per step: the one owner of it.
 
-* `object_store` (CPU, and any placement): learner rank 0 puts its full HF-named state dict into Ray's
-  shared-memory object store once; every engine reads it from there into vLLM's `reload_weights`.
-* `nccl` / `ipc` (GPU): vLLM's own weight-transfer API, see `weight_sync_gpu.py` (not exercised on CI).
+Each backend is one module holding its three sides together — `Sender` (lives in every learner rank),
+`Receiver` (lives in every rollout engine) and `Transport` (the driver's side, which calls the other two):
+
+* `object_store` (CPU, any placement): the state dict through Ray's shared-memory object store
+  (`object_store.py`);
+* `nccl` / `ipc` (GPU): vLLM's own weight-transfer API, NCCL broadcast for disaggregated engines, CUDA IPC for
+  colocated ones (`vllm_transfer.py`; not exercised without a GPU).
+
+Learner and engine actors only host their side (`open_sync`, then `sync(op, ...)` calls); the scheduler only
+calls `WeightSync.push(version)` and `WeightSync.resync(indices)`. `gather.py` reads the learner's full
+weights bucket by bucket, under ZeRO-3 too.
 """
 
 from __future__ import annotations
 
 import time
 
-import ray
+BACKENDS = ("object_store", "nccl", "ipc")
 
 
 def resolve_backend(name: str, on_gpu: bool, placement: str = "disaggregated") -> str:
@@ -20,44 +28,51 @@ def resolve_backend(name: str, on_gpu: bool, placement: str = "disaggregated") -
     return "ipc" if placement == "colocated" else "nccl"
 
 
-class ObjectStoreSync:
-    """Full state dict through Ray's object store; costs one copy per engine, works everywhere."""
-
-    def __init__(self, learners: list, engines: list, dtype: str | None = None, gather_all: bool = False):
-        self.learners, self.engines, self.dtype, self.gather_all = learners, engines, dtype, gather_all
-
-    def push(self, version: int, engines: list | None = None) -> dict:
-        t0 = time.perf_counter()
-        # Rank 0's dict stays in the object store and engines read it there; under ZeRO-3 every rank joins the gather.
-        exporting = self.learners if self.gather_all else self.learners[:1]
-        refs = [lr.export_weights.remote(self.dtype) for lr in exporting]
-        stats = ray.get([e.load_weights.remote(refs[0], version) for e in (engines or self.engines)])
-        ray.get(refs[1:])
-        return {"seconds": time.perf_counter() - t0, "bytes": stats[0]["bytes"],
-                "engine_load_s": max(s["seconds"] for s in stats)}
-
-
-class GpuSync:
-    """vLLM weight-transfer engines (NCCL broadcast or CUDA IPC); sender and receivers run concurrently."""
-
-    def __init__(self, backend: str, learners: list, engines: list):
-        self.backend, self.learner, self.engines = backend, learners[0], engines
-        infos = ray.get(self.learner.gpu_sync_setup.remote(backend, len(engines)))
-        ray.get([self.learner.gpu_sync_connect.remote()]
-                + [e.gpu_sync_init.remote(backend, info) for e, info in zip(engines, infos)])
-
-    def push(self, version: int, engines: list | None = None) -> dict:
-        if engines is not None and engines != self.engines:
-            raise NotImplementedError("re-syncing a restarted engine over NCCL needs a new group; not supported yet")
-        t0 = time.perf_counter()
-        update_info, nbytes = ray.get(self.learner.gpu_sync_update_info.remote())
-        ray.get([self.learner.gpu_sync_send.remote()]
-                + [e.gpu_sync_receive.remote(self.backend, update_info, version) for e in self.engines])
-        ray.get(self.learner.gpu_sync_release.remote())  # IPC handles point at learner memory until every engine is done
-        return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
-
-
-def make_sync(backend: str, learners: list, engines: list, dtype: str | None = None, gather_all: bool = False):
+def _module(backend: str):
     if backend == "object_store":
-        return ObjectStoreSync(learners, engines, dtype, gather_all)
-    return GpuSync(backend, learners, engines)
+        from . import object_store
+
+        return object_store
+    from . import vllm_transfer
+
+    return vllm_transfer
+
+
+def make_sender(backend: str, learner, **options):
+    """The learner-side endpoint (called inside the learner actor)."""
+    return _module(backend).Sender(learner, **options)
+
+
+def make_receiver(backend: str, engine):
+    """The engine-side endpoint (called inside the rollout actor)."""
+    return _module(backend).Receiver(engine)
+
+
+class WeightSync:
+    """Driver side: opens every endpoint, then pushes each new weight version to the engines."""
+
+    def __init__(self, backend: str, learners: list, engines: list, *, dtype: str | None, zero3: bool):
+        import ray
+
+        if backend not in BACKENDS:
+            raise ValueError(f"sync.backend={backend!r}: expected one of {BACKENDS}")
+        self.backend, self.engines, self.version = backend, engines, 0
+        options = {"dtype": dtype} if backend == "object_store" else {"backend": backend}
+        ray.get([lr.open_sync.remote(backend, **options) for lr in learners]
+                + [e.open_sync.remote(backend) for e in engines])
+        self.transport = _module(backend).Transport(learners, engines, backend=backend, zero3=zero3)
+
+    def push(self, version: int) -> dict:
+        """Send the learner's weights as `version` to every engine; returns seconds and bytes."""
+        self.version = version
+        return self.transport.push(version, self.engines)
+
+    def resync(self, indices: list[int]) -> dict:
+        """Bring restarted engines (fresh from the base weights) to the current version."""
+        import ray
+
+        t0 = time.perf_counter()
+        engines = [self.engines[i] for i in indices]
+        ray.get([e.open_sync.remote(self.backend) for e in engines])
+        stats = self.transport.resync(engines, self.version)
+        return {**stats, "seconds": time.perf_counter() - t0}

@@ -1,118 +1,69 @@
-"""GPU weight sync (learner rank 0 -> vLLM rollout engines) on vLLM's own RL weight-transfer API.
+"""GPU backends on vLLM's own RL weight-transfer API (`vllm.distributed.weight_transfer`).
 
-Backends (vLLM ``vllm.distributed.weight_transfer``):
+* `nccl` (disaggregated): learner rank 0 is rank 0 of an NCCL group whose other ranks are the engines' workers
+  (engine i = rank 1 + i), and broadcasts the full HF-named weights. Under ZeRO-3 every learner rank gathers
+  the parameters bucket by bucket in lockstep (the gather is a collective) and rank 0 sends each bucket while it
+  is gathered, so the extra memory is one bucket, not the model — as OpenRLHF and verl do. The trainer side is
+  vLLM's `NCCLTrainerWeightTransferEngine` with a no-op control-plane client: the Ray driver calls the engines.
+* `ipc` (colocated): CUDA IPC handles of the learner's own tensors (zero copy); each engine worker opens them
+  and copies. Handles are keyed by the learner GPU's UUID, so only an engine on that GPU can open them.
 
-* ``nccl`` (disaggregated): learner rank 0 is NCCL rank 0 and broadcasts the full HF-named
-  state dict; engine ``i``'s workers are ranks ``1 + i*workers_per_engine + w``. The trainer
-  side is vLLM's ``NCCLTrainerWeightTransferEngine`` driven with a no-op control-plane client,
-  because here the Ray driver, not the trainer, calls the engines.
-* ``ipc`` (colocated): CUDA IPC handles of the learner's own tensors (zero copy); the engine
-  worker opens them and ``load_weights`` copies. Handles are keyed by the learner GPU's UUID,
-  so only engines whose worker sits on that same GPU can open them.
-
-Engine construction (the rollout actor, before ``LLM(...)``)::
-
-    llm = LLM(..., **engine_kwargs(backend))   # weight_transfer_config={"backend": backend}
-
-``engine_kwargs`` also sets ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` in ``os.environ`` for
-``ipc``: IPC handles must be pickled to reach the EngineCore worker, and vLLM reads (then
-caches) that flag when the engine starts, so it has to be set before ``LLM(...)``.
-
-Call order (the driver; ``L`` = learner rank 0 holding a ``TrainerSender``, ``E_i`` = engines)::
-
-    once:   infos = [L.init_info(i) for i in range(n_engines)]
-            ray.get([L.connect(), *(E_i.engine_init(infos[i]) for i)])   # concurrent: NCCL rendezvous
-    sync:   info = ray.get(L.update_info(named_tensors))                 # stage + metadata, nothing sent
-            ray.get([L.broadcast(), *(E_i.engine_receive(info) for i)])  # concurrent: one NCCL collective
-            ray.get(L.release())                                         # after every engine returned
-    end:    L.close(); E_i.engine_shutdown()
-
-The same driver code serves ``ipc``: ``connect``/``broadcast`` are no-ops there and
-``update_info`` already carries the handles; ``release`` must still wait for every engine,
-since the handles point at the learner's memory. Every sync must send the *whole* model:
-vLLM's layerwise reload rebuilds each layer from what it receives. Engines must be awake
-(``wake_up()`` if slept) and idle (no ``generate`` in flight) during ``engine_receive``.
+Driver call order (`Transport`): once `setup` on rank 0 → `connect` on rank 0 concurrently with `init` on every
+engine (the NCCL rendezvous); per sync `update_info` (metadata or handles, nothing sent) → `send` on the
+learner ranks concurrently with `receive` on every engine → `release` once every engine returned (IPC handles
+point at learner memory). Every sync sends the whole model: vLLM's layerwise reload rebuilds each layer from
+what it receives. A restarted engine cannot join an existing NCCL group: the group is closed and formed anew.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import os
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+import pickle
+import time
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import ray
+import torch
 
-BACKENDS = ("nccl", "ipc")
-NamedTensors = Iterable[tuple[str, "torch.Tensor"]]
+from ..net import free_port
+from .gather import full_shapes, iter_buckets, state_dict_copy
 
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"GPU weight sync backend must be one of {BACKENDS}, got {backend!r}")
+BUCKET_BYTES = 1 << 30  # ZeRO-3: parameters gathered at a time
 
 
 def engine_kwargs(backend: str) -> dict[str, Any]:
-    """``LLM(...)`` kwargs enabling the worker-side engine (``Worker.load_model`` creates it from
-    ``weight_transfer_config``). For ``ipc`` also sets the env flag the worker needs to unpickle
-    IPC handles; it must run in the rollout process before ``LLM(...)`` (see module docstring)."""
-    _check_backend(backend)
+    """`LLM(...)` kwargs that create the worker-side transfer engine. For `ipc` it also sets the flag the worker
+    needs to unpickle IPC handles, which vLLM reads once at engine start: call it before `LLM(...)`."""
     if backend == "ipc":
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     return {"weight_transfer_config": {"backend": backend}}
 
 
-def engine_init(llm: Any, backend: str, init_info: dict) -> None:
-    """Run the worker-side handshake; for ``nccl`` it blocks until ``TrainerSender.connect``."""
-    _check_backend(backend)
-    from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
-
-    llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
-
-
-def engine_receive(llm: Any, backend: str, update_info: dict) -> None:
-    """Load one full update, then drop the prefix cache: its KV was computed by the old weights.
-    For ``nccl`` this blocks inside the broadcast, so it must overlap ``TrainerSender.broadcast``."""
-    _check_backend(backend)
-    from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
-
-    llm.start_weight_update()  # layerwise-reload setup; a failed update clears it in the worker
-    llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))
-    llm.finish_weight_update()  # processes layers and copies into the live (CUDA-graph) storage
-    if not llm.reset_prefix_cache():
-        raise RuntimeError("reset_prefix_cache failed: requests were running during a weight sync")
-
-
-def engine_shutdown(llm: Any) -> None:
-    """Release the trainer connection (NCCL communicator) without stopping inference."""
-    llm.shutdown_weight_transfer_engine()
-
-
-def _dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).split(".")[-1]  # the worker resolves it with getattr(torch, name)
-
-
 @functools.cache
-def _staged_source_cls() -> type:
-    """A vLLM ``WeightSource`` over an already materialized list (built lazily: imports vLLM)."""
+def _lazy_source_cls() -> type:
+    """A vLLM `WeightSource` that gathers while it is iterated (built lazily: imports vLLM)."""
     from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
-    class _Staged(WeightSource):
-        def __init__(self) -> None:
-            self.pairs: list[tuple[str, torch.Tensor]] = []
+    class _Source(WeightSource):
+        def __init__(self, module, zero3: bool):
+            self.module, self.zero3 = module, zero3
 
         def metadata(self) -> list[ParamMeta]:
-            return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in self.pairs]
+            return [ParamMeta(n, dtype, tuple(shape)) for n, dtype, shape in full_shapes(self.module)]
 
         def __iter__(self):
-            return iter(self.pairs)
+            for bucket in iter_buckets(self.module, zero3=self.zero3, bucket_bytes=BUCKET_BYTES):
+                yield from bucket
+                # vLLM copies into its packed buffers on side streams: finish before the bucket is released.
+                torch.cuda.synchronize()
 
-    return _Staged
+    return _Source
 
 
 class _NoopClient:
-    """``VLLMWeightSyncClient`` that does nothing: the Ray driver calls the engines instead."""
+    """vLLM's control-plane client, unused: the Ray driver calls the engines itself."""
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None: ...
     def start_weight_update(self) -> None: ...
@@ -120,127 +71,147 @@ class _NoopClient:
     def finish_weight_update(self, weight_version: str | None = None) -> None: ...
 
 
-class TrainerSender:
-    """Trainer end of the sync, living in learner rank 0 (the only rank holding the full model).
+class Sender:
+    """Learner side. Rank 0 holds the NCCL endpoint; under ZeRO-3 the other ranks only join the gathers."""
 
-    ``world_size_of_engines`` is the total number of vLLM worker processes across all engines
-    (engines x TP x PP); ``workers_per_engine`` (TP x PP, default 1) sets each engine's rank
-    offset. ``packed`` (nccl) batches tensors into ``packed_buffer_size_bytes`` buffers
-    (x2 on both sides, vLLM's default 1 GiB each); the worker learns these at ``engine_init``.
-    """
+    def __init__(self, learner, backend: str):
+        self.backend, self.module, self.rank = backend, learner.engine.module, learner.rank
+        self.zero3 = learner.cfg.train.zero_stage == 3
+        self._engine: Any = None  # vLLM's NCCL trainer engine once connected
+        self._staged: dict | None = None  # ipc: the tensors the handles point at, kept until release()
 
-    def __init__(self, backend: str, world_size_of_engines: int, master_address: str,
-                 master_port: int, *, workers_per_engine: int = 1, packed: bool = True,
-                 packed_buffer_size_bytes: int | None = None) -> None:
-        _check_backend(backend)
-        if world_size_of_engines < 1 or world_size_of_engines % workers_per_engine:
-            raise ValueError(
-                f"{world_size_of_engines=} must be a positive multiple of {workers_per_engine=}")
-        self.backend, self.master_address, self.master_port = backend, master_address, master_port
-        self.world_size = 1 + world_size_of_engines  # NCCL group: trainer rank 0 + every worker
-        self.num_engines = world_size_of_engines // workers_per_engine
-        self.workers_per_engine = workers_per_engine
-        self.packed = packed
-        self.packed_buffer_size_bytes = packed_buffer_size_bytes
-        self._engine: Any = None  # vLLM NCCLTrainerWeightTransferEngine once connected
-        self._staged: list[tuple[str, torch.Tensor]] = []  # kept alive until release()
-
-    def _trainer_init_info(self) -> Any:
+    def setup(self, num_engines: int) -> list[dict]:
+        """Rank 0: the init payload of each engine (`nccl`: the rendezvous address and the engine's rank)."""
+        if self.backend == "ipc":
+            return [{"packed": False}] * num_engines  # one handle per tensor, no staging buffer
+        from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo, worker_init_payload
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-        size = self.packed_buffer_size_bytes
-        extra = {} if size is None else {"packed_buffer_size_bytes": size}
-        return NCCLTrainerInitInfo(master_address=self.master_address, master_port=self.master_port,
-                                   world_size=self.world_size, packed=self.packed, rank=0, **extra)
-
-    def init_info(self, engine_index: int) -> dict:
-        """What engine ``engine_index`` passes to ``engine_init``; wire params mirror the trainer's."""
-        if not 0 <= engine_index < self.num_engines:
-            raise ValueError(f"engine_index {engine_index} outside [0, {self.num_engines})")
-        if self.backend == "ipc":
-            return {"packed": False}  # one handle per tensor, no shared staging buffer to reuse
-        from vllm.distributed.weight_transfer.nccl_common import (
-            NCCLWeightTransferInitInfo, worker_init_payload)
-
-        t = self._trainer_init_info()
-        # Separate LLM instances all report data_parallel_index 0, so the offset alone keeps
-        # their workers' NCCL ranks distinct.
-        return worker_init_payload(NCCLWeightTransferInitInfo(
-            master_address=t.master_address, master_port=t.master_port,
-            rank_offset=1 + engine_index * self.workers_per_engine, world_size=t.world_size,
-            packed=t.packed, packed_buffer_size_bytes=t.packed_buffer_size_bytes,
-            packed_num_buffers=t.packed_num_buffers))
+        self._init = NCCLTrainerInitInfo(master_address=ray.util.get_node_ip_address(), master_port=free_port(),
+                                         world_size=1 + num_engines, rank=0)
+        # Separate LLM instances all report data-parallel index 0: the offset alone keeps their ranks distinct.
+        return [worker_init_payload(NCCLWeightTransferInitInfo(
+            master_address=self._init.master_address, master_port=self._init.master_port, rank_offset=1 + i,
+            world_size=self._init.world_size, packed=self._init.packed,
+            packed_buffer_size_bytes=self._init.packed_buffer_size_bytes,
+            packed_num_buffers=self._init.packed_num_buffers)) for i in range(num_engines)]
 
     def connect(self) -> None:
-        """nccl: host the TCPStore on ``master_address:master_port`` as rank 0 and build the
-        communicator on the current CUDA device; blocks until every engine is in ``engine_init``."""
-        if self.backend == "nccl" and self._engine is None:
+        """nccl: host the rendezvous as rank 0; blocks until every engine is inside `Receiver.init`."""
+        if self.backend == "nccl":
             from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
             self._engine = WeightTransferTrainerFactory.trainer_init(
-                self._trainer_init_info(), client=_NoopClient(), source=_staged_source_cls()())
+                self._init, client=_NoopClient(), source=_lazy_source_cls()(self.module, self.zero3))
 
-    def update_info(self, named_tensors: NamedTensors) -> dict:
-        """Stage the tensors (references only) and return the payload for ``engine_receive``."""
-        staged = [(n, t.detach()) for n, t in named_tensors]
-        if not staged or any(not t.is_cuda for _, t in staged):
-            raise ValueError("GPU weight sync needs a non-empty list of CUDA tensors")
-        self._staged = staged
-        info: dict[str, Any] = {"names": [n for n, _ in staged],
-                                "dtype_names": [_dtype_name(t) for _, t in staged],
-                                "shapes": [list(t.shape) for _, t in staged]}
+    def update_info(self) -> tuple[dict, int]:
+        """Rank 0: what the engines are about to receive (names, dtypes, shapes; ipc: also the handles)."""
+        meta = full_shapes(self.module)
+        info: dict[str, Any] = {"names": [n for n, _, _ in meta],
+                                "dtype_names": [str(d).split(".")[-1] for _, d, _ in meta],
+                                "shapes": [list(s) for _, _, s in meta]}
         if self.backend == "ipc":
             info["ipc_handles_pickled"] = self._ipc_handles()
-        return info
+        return info, sum(torch.Size(s).numel() * d.itemsize for _, d, s in meta)
 
     def _ipc_handles(self) -> str:
-        """Per-tensor CUDA IPC handles, pickled+base64 so vLLM's msgpack RPC carries a plain str
-        (the worker's ``IPCWeightTransferUpdateInfo`` decodes them)."""
-        import base64
-        import pickle
-
-        import torch
+        """Per-tensor CUDA IPC handles, pickled and base64-encoded so vLLM's msgpack RPC carries a plain str."""
         from torch.multiprocessing.reductions import reduce_tensor
 
-        # Same as vLLM's own IPC trainer: one contiguous tensor per handle. A copy (only for
-        # non-contiguous views) replaces the staged entry so it stays alive until release().
-        self._staged = [(n, t if t.is_contiguous() else t.contiguous()) for n, t in self._staged]
-        uuid = str(torch.cuda.get_device_properties(self._staged[0][1].device).uuid)
-        handles = [{uuid: reduce_tensor(t)[1]} for _, t in self._staged]
-        torch.cuda.synchronize()  # the consumer must see finished writes
+        device = next(self.module.parameters()).device
+        self._staged = state_dict_copy(self.module, zero3=self.zero3, bucket_bytes=BUCKET_BYTES, device=device)
+        self._staged = {n: t.contiguous() for n, t in self._staged.items()}  # one handle per contiguous tensor
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        handles = [{uuid: reduce_tensor(t)[1]} for t in self._staged.values()]
+        torch.cuda.synchronize()  # the engines must see finished writes
         return base64.b64encode(pickle.dumps(handles)).decode("ascii")
 
-    def broadcast(self, named_tensors: NamedTensors | None = None) -> None:
-        """nccl: broadcast the staged tensors (or these, which must match ``update_info``),
-        concurrently with every ``engine_receive``; returns once sent. ipc: no-op."""
+    def send(self) -> None:
+        """nccl: rank 0 broadcasts while gathering; under ZeRO-3 the other ranks join each gather. ipc: no-op,
+        the handles went out with `update_info`."""
         if self.backend == "ipc":
-            return  # the handles already went out with update_info; keep what they point at
-        if named_tensors is not None:
-            self._staged = [(n, t.detach()) for n, t in named_tensors]
-        if self._engine is None:
-            raise RuntimeError("connect() must complete before broadcast()")
-        self._engine.source.pairs = self._staged
-        try:  # vLLM checks each tensor against the metadata it announced
+            return
+        if self.rank == 0:
             self._engine.send_weights()
-        finally:
-            self._engine.source.pairs = []
-            self._staged = []
-
-    def send(self, named_tensors: NamedTensors) -> dict:
-        """Contract alias of ``update_info``: nothing moves until ``broadcast``/``engine_receive``."""
-        return self.update_info(named_tensors)
+        else:
+            for _ in iter_buckets(self.module, zero3=self.zero3, bucket_bytes=BUCKET_BYTES):
+                pass
 
     def release(self) -> None:
-        """Drop staged tensors once every engine has returned; ipc: let CUDA free shared blocks."""
-        self._staged = []
+        """Once every engine returned: ipc lets CUDA free what the handles shared."""
+        self._staged = None
         if self.backend == "ipc":
-            import torch
-
             torch.cuda.ipc_collect()
 
     def close(self) -> None:
-        """Destroy the NCCL communicator (engines call ``engine_shutdown`` on their side)."""
+        """Destroy the NCCL group (before forming a new one that includes a restarted engine)."""
         self.release()
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+
+
+class Receiver:
+    """Engine side: a handshake once, then one full update per sync."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def init(self, init_info: dict) -> None:
+        """For nccl this blocks until the learner's `Sender.connect`."""
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        self.engine.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
+
+    def receive(self, update_info: dict, version: int) -> dict:
+        """Load one full update (for nccl, inside the broadcast), then drop the prefix cache of the old weights.
+        The engine must be awake and idle: the scheduler only syncs between generations."""
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        t0 = time.perf_counter()
+        llm = self.engine.llm
+        llm.start_weight_update()
+        llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))
+        llm.finish_weight_update()  # processes layers and copies into the live (CUDA-graph) storage
+        if not llm.reset_prefix_cache():
+            raise RuntimeError("reset_prefix_cache failed: requests were running during a weight sync")
+        self.engine.weight_version = version
+        return {"seconds": time.perf_counter() - t0}
+
+    def close(self) -> None:
+        self.engine.llm.shutdown_weight_transfer_engine()
+
+
+class Transport:
+    """Driver side."""
+
+    def __init__(self, learners: list, engines: list, *, backend: str, zero3: bool):
+        self.learners, self.backend, self.zero3 = learners, backend, zero3
+        self._connect(engines)
+
+    def _connect(self, engines: list) -> None:
+        self.engines = engines
+        infos = ray.get(self.learners[0].sync.remote("setup", len(engines)))
+        ray.get([self.learners[0].sync.remote("connect")]
+                + [e.sync.remote("init", info) for e, info in zip(engines, infos)])
+
+    def push(self, version: int, engines: list) -> dict:
+        t0 = time.perf_counter()
+        update_info, nbytes = ray.get(self.learners[0].sync.remote("update_info"))
+        senders = self.learners if self.zero3 else self.learners[:1]
+        stats = ray.get([e.sync.remote("receive", update_info, version) for e in engines]
+                        + [lr.sync.remote("send") for lr in senders])[: len(engines)]
+        ray.get(self.learners[0].sync.remote("release"))
+        return {"seconds": time.perf_counter() - t0, "bytes": nbytes,
+                "engine_load_s": max(s["seconds"] for s in stats)}
+
+    def resync(self, restarted: list, version: int) -> dict:
+        if self.backend == "ipc":  # no group: hand the new engines their payload, then the weights
+            infos = ray.get(self.learners[0].sync.remote("setup", len(restarted)))
+            ray.get([e.sync.remote("init", info) for e, info in zip(restarted, infos)])
+            return self.push(version, restarted)
+        # nccl: membership is fixed at the rendezvous; the restarted engine's old rank is gone with it.
+        alive = [e for e in self.engines if e not in restarted]
+        ray.get([self.learners[0].sync.remote("close")] + [e.sync.remote("close") for e in alive])
+        self._connect(self.engines)
+        return self.push(version, self.engines)

@@ -1,0 +1,54 @@
+"""Model forwards aligned on completion tokens: the rows that predict y_t given context ⊕ y_<t.
+
+Student and teacher score the same completion y behind different contexts (x, or teacher_ctx(x, c)); these
+helpers return one row per completion token, flattened over the micro-batch, so the two line up row for row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .loss import token_logprobs
+
+
+def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _inputs(contexts, completions, pad_id, device):
+    """context ⊕ completion[:-1], right-padded: position len(context)-1+t predicts completion token t."""
+    return _pad([c + y[:-1] for c, y in zip(contexts, completions)], pad_id, device)
+
+
+def completion_logits(model, contexts: list[list[int]], completions: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Logits at the positions that predict each completion token, flattened to [N, V].
+
+    A full forward of the model (so ZeRO-3's parameter hooks and tied embeddings behave), with the LM head
+    applied only from the first completion position on (`logits_to_keep`).
+    """
+    ids, mask = _inputs(contexts, completions, pad_id, next(model.parameters()).device)
+    first = min(len(c) for c in contexts) - 1
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=torch.arange(first, ids.shape[1])).logits
+    return torch.cat([logits[i, len(c) - 1 - first : len(c) - 1 - first + len(y)]
+                      for i, (c, y) in enumerate(zip(contexts, completions))])
+
+
+def completion_hidden(model, contexts: list[list[int]], completions: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Final hidden states at the same positions, [N, H], for the fused-linear kernels (ZeRO <= 2)."""
+    ids, mask = _inputs(contexts, completions, pad_id, next(model.parameters()).device)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return torch.cat([hidden[i, len(c) - 1 : len(c) - 1 + len(y)] for i, (c, y) in enumerate(zip(contexts, completions))])
+
+
+@torch.no_grad()
+def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[id] per row, chunk by chunk (never the full [N, V] logits)."""
+    return torch.cat([
+        token_logprobs(hidden[i : i + chunk] @ weight.T, ids[i : i + chunk]) for i in range(0, len(ids), chunk)
+    ])
