@@ -9,6 +9,7 @@ groups — and the weight sync between them.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -42,7 +43,11 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     if address and address != "local":
         ray.init(address=address)
     else:  # a private local instance on loopback ("local": never join another cluster found on this machine)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        # Ray warns on every start that it chose token auth by default; for a private instance that is expected.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda r: not r.getMessage().startswith("Token authentication is enabled"))
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 logging_level=logging.WARNING)
 
 
 @ray.remote(num_cpus=0)
@@ -102,8 +107,9 @@ def _placements(cfg, gpu: bool) -> tuple[list, list, list]:
     return [at(learn_pg, i) for i in range(m)], [at(roll_pg, i) for i in range(n)], [learn_pg, roll_pg]
 
 
-def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True) -> Actors:
-    """Start learner ranks + engines (on GPUs when the cluster has them) and wire the weight sync."""
+def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, log_dir: str | None = None) -> Actors:
+    """Start learner ranks + engines (on GPUs when the cluster has them) and wire the weight sync. Actors write
+    their output to `log_dir` (one file each) when given."""
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     gpu = ray.cluster_resources().get("GPU", 0) > 0
     colocated = cfg.ray.placement == "colocated"
@@ -120,7 +126,8 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True) ->
         ray.remote(Learner).options(
             num_cpus=cfg.ray.learner_cpus, num_gpus=gpu_share, scheduling_strategy=learner_at[rank],
             runtime_env={"env_vars": learner_env},
-        ).remote(cfg_dict, model_path, total_steps, rank=rank, world_size=m, master_addr=addr, master_port=port)
+        ).remote(cfg_dict, model_path, total_steps, rank=rank, world_size=m, master_addr=addr, master_port=port,
+                  log_dir=log_dir)
         for rank in range(m)
     ]
     engines = []
@@ -130,7 +137,7 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True) ->
             ray.remote(RolloutEngine).options(
                 num_cpus=cfg.ray.rollout_cpus, num_gpus=gpu_share, scheduling_strategy=engine_at[i],
                 runtime_env={"env_vars": engine_vars}, max_restarts=cfg.ray.engine_max_restarts, max_task_retries=0,
-            ).remote(model_path, cfg_dict, i, sleep_mode=gpu and colocated)
+            ).remote(model_path, cfg_dict, i, sleep_mode=gpu and colocated, log_dir=log_dir)
             for i in range(cfg.rollout.num_engines)
         ]
     actors = Actors(learners, engines, placement_groups=pgs, colocated=colocated)

@@ -16,6 +16,7 @@ import torch
 import kernels
 
 from .forward import chunked_token_logprobs, completion_hidden, completion_logits
+from .logs import redirect_output
 from .loss import LossOutput, TokenLayout, sdft_loss, sft_loss, token_logprobs
 from .messages import Sample, StepMetrics
 from .teacher import Teacher
@@ -25,7 +26,8 @@ class Learner:
     """Student + teacher on one data-parallel rank. `cfg` is the run's Config as a dict."""
 
     def __init__(self, cfg: dict, model_path: str, total_steps: int, rank: int = 0, world_size: int = 1,
-                 master_addr: str = "127.0.0.1", master_port: int = 29500):
+                 master_addr: str = "127.0.0.1", master_port: int = 29500, log_dir: str | None = None):
+        redirect_output(log_dir, f"learner-{rank}")
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

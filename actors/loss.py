@@ -1,4 +1,5 @@
-"""The SDFT and SFT losses over flattened completion tokens (SPEC §1), free of orchestration.
+"""The SDFT and SFT losses over flattened completion tokens, as the official code computes them; free of
+orchestration.
 
 Completion tokens of a micro-batch are flattened to N rows; `seq_index[t]` says which sequence row t
 belongs to. The per-token divergence comes from `kernels` (the learner picks the kernel); this module adds
@@ -56,7 +57,7 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tenso
 def importance_weights(
     logp_train: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor, layout: TokenLayout, cap: float
 ) -> torch.Tensor:
-    """Per sequence w = mean_t min(exp(logp_train - logp_rollout), cap), detached (SPEC §1)."""
+    """Per sequence w = mean_t min(exp(logp_train - logp_rollout), cap), detached."""
     ratio = torch.exp(logp_train.detach().float() - logp_rollout.float()).clamp(max=cap)
     return layout.per_sequence_mean(ratio, mask).detach()
 

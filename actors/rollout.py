@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 
+from .logs import drop_expected_vllm_warnings, redirect_output
 from .messages import Completion
 
 ENGINE_ENV = {
@@ -27,13 +28,17 @@ def engine_env(cpu_kv_cache_gib: int) -> dict[str, str]:
 class RolloutEngine:
     """A vLLM engine behind a small interface: generate token ids with logprobs, load new weights."""
 
-    def __init__(self, model_path: str, cfg: dict, engine_index: int = 0, sleep_mode: bool = False):
+    def __init__(self, model_path: str, cfg: dict, engine_index: int = 0, sleep_mode: bool = False,
+                 log_dir: str | None = None):
+        redirect_output(log_dir, f"engine-{engine_index}")
         for k, v in engine_env(cfg["rollout"]["cpu_kv_cache_gib"]).items():
             os.environ.setdefault(k, v)
         import torch
         from vllm import LLM
 
         from pipeline.config import Config
+
+        drop_expected_vllm_warnings()
 
         self.cfg = cfg = Config.model_validate(cfg)
         on_gpu = torch.cuda.is_available()

@@ -1,4 +1,4 @@
-"""The teacher: the model conditioned on the demonstration, with its own weights φ (SPEC §1, `teacher.kind`).
+"""The teacher: the model conditioned on the demonstration, with its own weights φ (`teacher.kind`).
 
 * `ema` (default): a float32 copy of the student, φ ← α·θ + (1−α)·φ after every optimizer step (a bf16 copy
   would round most α = 0.01 updates away);

@@ -19,7 +19,7 @@ def _run_failures() -> tuple[type, ...]:
     from actors.launcher import PlacementError
 
     from .driver import LearnerFailed, SyncMismatch
-    from .rollouts import EngineFailed
+    from .scheduler import EngineFailed
 
     return (LearnerFailed, EngineFailed, PlacementError, SyncMismatch)
 
@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sequential", nargs="+", metavar="NAME=TRAIN,EVAL",
                    help="train the stages one after another (each from the previous weights); forgetting table")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    sub.add_parser("config", help="print the config reference: every key, its type, default and meaning",
+                   description="The reference generated from the typed config (the same text as docs/config.md).")
     return p
 
 
@@ -65,6 +67,7 @@ def _split_config_arg(config: str | None, overrides: list[str]) -> tuple[str | N
 
 
 def _train(args) -> dict:
+    from .console import print_summary
     from .driver import train
 
     config, overrides = _split_config_arg(args.config, args.overrides)
@@ -74,7 +77,7 @@ def _train(args) -> dict:
         overrides.append(f"train.steps={args.steps}")
     cfg = load_config(config, overrides)
     summary = train(cfg, resume=args.resume)
-    _print_summary(summary, cfg.output_dir)
+    print_summary(summary, cfg.output_dir)
     return summary
 
 
@@ -100,13 +103,22 @@ def _eval(args) -> dict:
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     engine = ray.remote(RolloutEngine).options(
         num_cpus=cfg.ray.rollout_cpus, runtime_env={"env_vars": engine_env(cfg.rollout.cpu_kv_cache_gib)}
-    ).remote(str(model_dir), cfg.model_dump())
+    ).remote(str(model_dir), cfg.model_dump(), log_dir=str(_eval_log_dir(ckpt)))
     try:
         result = evaluate([engine], eval_set, tokenizer, cfg)
     finally:
         ray.kill(engine)
     print(json.dumps({"checkpoint": str(ckpt), **result}, indent=1))
     return result
+
+
+def _eval_log_dir(ckpt: Path) -> Path:
+    """The engine's output joins its training run's logs; any other model folder gets a fresh temp folder."""
+    if (ckpt / "trainer_state.json").exists():
+        return ckpt.resolve().parent / "logs"
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="sdft-eval-logs-"))
 
 
 def _compare(args) -> dict:
@@ -128,27 +140,10 @@ def _compare(args) -> dict:
     return run_compare(config, overrides, Path(args.output), methods)
 
 
-def _print_summary(summary: dict, output_dir: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _config(args) -> None:
+    from .config_doc import render
 
-    last = summary.get("last", {})
-    table = Table(title=f"sdft run — {output_dir}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    rows = [
-        ("steps", f"{summary['start_step']} → {summary['steps']}"),
-        ("eval accuracy before", summary.get("eval_before", {}).get("accuracy")),
-        ("eval accuracy after", summary.get("eval_after", {}).get("accuracy")),
-        ("last loss", last.get("loss")), ("last kl", last.get("kl")),
-        ("IS weight mean", last.get("is_weight_mean")),
-        *[(f"step time: {k} (s)", v) for k, v in last.get("timing_s", {}).items()],
-        ("checkpoint", summary.get("checkpoint")),
-    ]
-    for name, value in rows:
-        if value is not None:
-            table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    print(render())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
-        {"train": _train, "eval": _eval, "compare": _compare}[args.command](args)
+        {"train": _train, "eval": _eval, "compare": _compare, "config": _config}[args.command](args)
     except USER_ERRORS as e:
         print(f"sdft: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Typed run configuration: YAML file + dotted command-line overrides, validated before anything starts.
 
-Defaults follow the SDFT paper's recipe (SPEC §1) except where a small CPU run needs otherwise; the
+Defaults follow the SDFT paper's recipe except where a small CPU run needs otherwise; the
 YAML files in `configs/` say so where they differ.
 """
 

@@ -6,6 +6,7 @@ Strictly on-policy by default; with async.max_staleness = k generation runs up t
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from actors.messages import Sample, StepMetrics
 
 from . import checkpoint
 from .config import Config
+from .console import log_to_file, print_header
 from .data import Example, batch_indices, load_splits
 from .evaluation import evaluate_all, load_eval_sets
 from .models import resolve_model
@@ -88,7 +90,11 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
 
     ckpt = checkpoint.latest(out) if resume else None
     state = checkpoint.trainer_state(ckpt) if ckpt else {"step": 0}
-    actors = launch(cfg, model_path, steps)
+    log_dir = out.resolve() / "logs"
+    log_file = log_to_file(log_dir)
+    if cfg.logging.progress:
+        print_header(cfg, model_path, len(train_set), len(eval_set), steps, state["step"], log_dir)
+    actors = launch(cfg, model_path, steps, log_dir=str(log_dir))
     batch_for_step = lambda step: [train_set[i] for i in batch_indices(  # noqa: E731
         step, cfg.train.batch_size, len(train_set), cfg.train.seed, cfg.data.shuffle)]
     rollouts = RolloutScheduler(actors, cfg, batch_for_step, steps)
@@ -148,3 +154,4 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
         return summary
     finally:
         actors.shutdown()
+        logging.getLogger().removeHandler(log_file)

@@ -35,6 +35,7 @@ class MetricsLogger:
             self.run = wandb.init(
                 project=cfg.logging.project, name=cfg.logging.run_name, config=cfg.model_dump(), mode=mode,
                 dir=str(output_dir), id=wandb_id, resume="allow" if wandb_id else None,
+                settings=wandb.Settings(silent=True),  # no banner or run summary on the console; the run is in dir
             )
 
     @property

@@ -1,4 +1,4 @@
-"""The SDFT loss (SPEC §1) against a straightforward float64 implementation written with explicit loops."""
+"""The SDFT loss against a straightforward float64 implementation written with explicit loops."""
 
 import math
 
