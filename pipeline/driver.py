@@ -131,9 +131,15 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
                     ) from e
                 record.update(StepMetrics.merge(per_rank).as_dict())
             with timed(timings, "sync"):
-                sync = rollouts.push(version=step + 1)
-                if cfg.sync.check_greedy:
-                    sync["greedy_match"] = check_sync(actors, train_set)
+                if cfg.async_.max_staleness and not cfg.sync.check_greedy:
+                    # Overlap: this step's weights load into the engines while the learner runs the next step;
+                    # the record carries the push that finished meanwhile (the previous version's).
+                    sync = rollouts.wait_push()
+                    rollouts.push_async(version=step + 1)
+                else:
+                    sync = rollouts.push(version=step + 1)
+                    if cfg.sync.check_greedy:
+                        sync["greedy_match"] = check_sync(actors, train_set)
             record["sync"] = sync
             record["timing_s"] = {**timings, "step": time.perf_counter() - t_step}
             record["learner_tokens_per_s"] = record["tokens"] / timings["learner"]
@@ -150,6 +156,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
             summary["last"] = record
             if on_step is not None:
                 on_step(done, actors)
+        rollouts.wait_push()
         logger.finish()
         return summary
     finally:

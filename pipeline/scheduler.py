@@ -48,15 +48,29 @@ class RolloutScheduler:
         self.pending: dict[int, _Pending] = {}
         self.version = 0  # weight version the engines hold (= optimizer steps taken)
         self.restarts = 0
+        self._push = None  # a push in flight (async mode overlaps it with the learner's next step)
 
     # ---- weights -------------------------------------------------------------------------------------------
     def push(self, version: int) -> dict:
-        """Send the learner's weights to every engine; engines that died meanwhile are awaited and re-synced."""
+        """Send the learner's weights as `version` to every engine and wait."""
+        self.push_async(version)
+        return self.wait_push()
+
+    def push_async(self, version: int) -> None:
+        """Start sending `version`. The learner's next step may run meanwhile: its weights are exported before it
+        starts (an actor runs one caller's calls in order), and engines load before their next generation."""
         self.version = version
         if self.actors.colocated:
             ray.get([e.wake_up.remote() for e in self.actors.engines])
+        self._push = self.actors.sync.submit(version)
+
+    def wait_push(self) -> dict:
+        """The stats of the push in flight ({} if none); engines that died meanwhile are awaited and re-synced."""
+        if self._push is None:
+            return {}
+        pending, self._push = self._push, None
         try:
-            return self.actors.sync.push(version)
+            return self.actors.sync.collect(pending)
         except RayActorError:
             for i in range(len(self.actors.engines)):
                 self._await_engine(i)

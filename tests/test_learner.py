@@ -35,7 +35,7 @@ def _run(ray, model, *overrides, steps=2):
     try:
         metrics = [ray.get(actor.step.remote(_samples())).as_dict() for _ in range(steps)]
         ray.get(actor.open_sync.remote("object_store"))
-        return metrics, ray.get(actor.sync.remote("export"))
+        return metrics, dict(ray.get(actor.sync.remote("export")).tensors())
     finally:
         ray.kill(actor)
 

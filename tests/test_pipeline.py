@@ -55,6 +55,7 @@ def test_sdft_steps_sync_every_step_and_log(tmp_path, ray_session, tiny_model):
             assert isinstance(r[key], float) and r[key] == r[key], key  # present and not NaN
         assert set(TIMINGS) <= set(r["timing_s"]) and all(r["timing_s"][k] > 0 for k in TIMINGS)
         assert r["sync"]["greedy_match"] == 1.0 and r["sync"]["bytes"] > 0
+        assert 0 < r["sync"]["transport_s"] < r["sync"]["seconds"] and 0 < r["sync"]["load_s"] < r["sync"]["seconds"]
         assert r["rollout"]["tokens"] > 0 and r["kl"] > 0
         assert 0.5 < r["is_weight_mean"] <= 2.0  # vLLM and the learner agree closely on fp32 CPU
 

@@ -9,7 +9,8 @@ Each backend is one module holding its three sides together — `Sender` (lives 
   colocated ones (`vllm_transfer.py`; not exercised without a GPU).
 
 Learner and engine actors only host their side (`open_sync`, then `sync(op, ...)` calls); the scheduler only
-calls `WeightSync.push(version)` and `WeightSync.resync(indices)`. `gather.py` reads the learner's full
+calls `WeightSync.push(version)` (or `submit`/`collect` to overlap it with the learner's next step) and
+`WeightSync.resync(indices)`. `gather.py` reads the learner's full
 weights bucket by bucket, under ZeRO-3 too.
 """
 
@@ -63,9 +64,20 @@ class WeightSync:
         self.transport = _module(backend).Transport(learners, engines, backend=backend, zero3=zero3)
 
     def push(self, version: int) -> dict:
-        """Send the learner's weights as `version` to every engine; returns seconds and bytes."""
+        """Send the learner's weights as `version` to every engine and wait; returns seconds, bytes and the
+        backend's split (e.g. transport_s, load_s)."""
+        return self.collect(self.submit(version))
+
+    def submit(self, version: int):
+        """Start a push without waiting. The learner's next call runs once the weights are taken from it, and
+        each engine's next call once it has loaded them (Ray runs one caller's calls to an actor in order)."""
         self.version = version
-        return self.transport.push(version, self.engines)
+        return time.perf_counter(), self.transport.submit(version, self.engines)
+
+    def collect(self, pending) -> dict:
+        t0, handle = pending
+        stats = self.transport.collect(handle)
+        return {"seconds": time.perf_counter() - t0, **stats}
 
     def resync(self, indices: list[int]) -> dict:
         """Bring restarted engines (fresh from the base weights) to the current version."""
@@ -75,4 +87,4 @@ class WeightSync:
         engines = [self.engines[i] for i in indices]
         ray.get([e.open_sync.remote(self.backend) for e in engines])
         stats = self.transport.resync(engines, self.version)
-        return {**stats, "seconds": time.perf_counter() - t0}
+        return {"seconds": time.perf_counter() - t0, **stats}

@@ -176,7 +176,7 @@ class Receiver:
         if not llm.reset_prefix_cache():
             raise RuntimeError("reset_prefix_cache failed: requests were running during a weight sync")
         self.engine.weight_version = version
-        return {"seconds": time.perf_counter() - t0}
+        return {"load_s": time.perf_counter() - t0}
 
     def close(self) -> None:
         self.engine.llm.shutdown_weight_transfer_engine()
@@ -195,23 +195,26 @@ class Transport:
         ray.get([self.learners[0].sync.remote("connect")]
                 + [e.sync.remote("init", info) for e, info in zip(engines, infos)])
 
-    def push(self, version: int, engines: list) -> dict:
-        t0 = time.perf_counter()
+    def submit(self, version: int, engines: list) -> tuple:
         update_info, nbytes = ray.get(self.learners[0].sync.remote("update_info"))
         senders = self.learners if self.zero3 else self.learners[:1]
-        stats = ray.get([e.sync.remote("receive", update_info, version) for e in engines]
-                        + [lr.sync.remote("send") for lr in senders])[: len(engines)]
-        ray.get(self.learners[0].sync.remote("release"))
-        return {"seconds": time.perf_counter() - t0, "bytes": nbytes,
-                "engine_load_s": max(s["seconds"] for s in stats)}
+        return nbytes, [e.sync.remote("receive", update_info, version) for e in engines], \
+            [lr.sync.remote("send") for lr in senders]
+
+    def collect(self, handle: tuple) -> dict:
+        nbytes, receives, sends = handle
+        stats = ray.get(receives)
+        ray.get(sends)
+        ray.get(self.learners[0].sync.remote("release"))  # IPC handles point at learner memory until now
+        return {"bytes": nbytes, "load_s": max(s["load_s"] for s in stats)}
 
     def resync(self, restarted: list, version: int) -> dict:
         if self.backend == "ipc":  # no group: hand the new engines their payload, then the weights
             infos = ray.get(self.learners[0].sync.remote("setup", len(restarted)))
             ray.get([e.sync.remote("init", info) for e, info in zip(restarted, infos)])
-            return self.push(version, restarted)
+            return self.collect(self.submit(version, restarted))
         # nccl: membership is fixed at the rendezvous; the restarted engine's old rank is gone with it.
         alive = [e for e in self.engines if e not in restarted]
         ray.get([self.learners[0].sync.remote("close")] + [e.sync.remote("close") for e in alive])
         self._connect(self.engines)
-        return self.push(version, self.engines)
+        return self.collect(self.submit(version, self.engines))
