@@ -166,6 +166,10 @@ class Learner:
         """Run one step of the weight sync's learner side; the driver's `WeightSync` decides which."""
         return getattr(self.sender, op)(*args)
 
+    def sync_stream(self, op: str, *args):
+        """The same for a step that yields its result in parts (called with num_returns="streaming")."""
+        yield from getattr(self.sender, op)(*args)
+
     @torch.no_grad()
     def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """HF greedy completions of the current student (the reference the engines are checked against)."""

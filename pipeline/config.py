@@ -184,8 +184,10 @@ class EvalConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")
+    every: int = Field(0, ge=0, description="steps between checkpoints; 0: none before the end")
     keep_last: int = Field(2, ge=1, description="checkpoints kept in the output folder; older ones are deleted")
+    final: bool = Field(True, description="write a checkpoint after the last step (false: only every `every` "
+                        "steps, e.g. for benchmarks)")
 
 
 class LoggingConfig(_Section):

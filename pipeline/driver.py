@@ -150,7 +150,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
                 summary["eval_after"] = record["eval"]
             logger.log(done, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}")
-            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == steps:
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (done == steps and cfg.checkpoint.final):
                 summary["checkpoint"] = str(checkpoint.save(actors.learners, out, done, cfg,
                                                             {"wandb_id": logger.wandb_id}))
             summary["last"] = record

@@ -8,6 +8,7 @@ import torch
 from actors.net import free_port
 from actors.learner import Learner
 from actors.messages import Sample
+from actors.weight_sync.object_store import bucket_tensors
 from pipeline.config import load_config
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")  # the tiny-model smoke config
@@ -35,7 +36,8 @@ def _run(ray, model, *overrides, steps=2):
     try:
         metrics = [ray.get(actor.step.remote(_samples())).as_dict() for _ in range(steps)]
         ray.get(actor.open_sync.remote("object_store"))
-        return metrics, dict(ray.get(actor.sync.remote("export")).tensors())
+        stream = actor.sync_stream.options(num_returns="streaming").remote("export")
+        return metrics, dict(t for ref in stream for t in bucket_tensors(ray.get(ref)))
     finally:
         ray.kill(actor)
 

@@ -1,41 +1,29 @@
-"""CPU (and any placement) backend: the full HF-named weights through Ray's shared-memory object store.
+"""CPU (and any placement) backend: the full HF-named weights through Ray's shared-memory object store, streamed.
 
-One copy on the way: learner rank 0 puts each bucket of its live parameters (no clone) into the object store as
-numpy arrays, which Ray writes out of band straight into shared memory; every engine maps them from there
-without a copy and hands them to vLLM's `reload_weights` — on CPU the worker prepacks linear weights, so
-`model.load_weights` alone would leave them stale — which is the engine's own copy. Under ZeRO-3 every rank
-joins the bucketed gather and rank 0 puts each bucket while it is gathered.
+One copy on the way, and loading overlaps it: learner rank 0 yields its live parameters (no clone) bucket by
+bucket from a streaming Ray call, each bucket as numpy arrays that Ray writes out of band straight into shared
+memory; as each bucket's ref appears the driver hands it to every engine, which maps it without a copy and feeds it
+to vLLM's layerwise reload (`initialize_layerwise_reload` → `model.load_weights` per bucket →
+`finalize_layerwise_reload`; on CPU the worker prepacks linear weights, so a plain `load_weights` would leave them
+stale). So the engines load bucket k while the learner puts bucket k + 1. Under ZeRO-3 every rank joins each
+bucket's gather and rank 0 puts it while it is gathered.
 
-The export returns the buckets' object refs (not the weights), so the learner's next step may start as soon as
-it returns: the object store holds the exported version (a second buffer) while engines load it.
+The object store holds a pushed version until every engine has loaded it, so the learner may start its next step
+as soon as its export returns (async mode: a second buffer).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
 
 import ray
 import torch
 
 from .gather import iter_buckets
 
-BUCKET_BYTES = 256 << 20  # how much is gathered (ZeRO-3) and put at a time
+BUCKET_BYTES = 64 << 20  # gathered (ZeRO-3), put and loaded at a time: small enough to pipeline, large per call
 _AS_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16}  # dtypes numpy lacks travel as raw bits
-
-
-@dataclass
-class Exported:
-    """One weight version in the object store: the buckets' refs (nested, so Ray does not resolve them)."""
-
-    buckets: list  # [ObjectRef of [(name, dtype name, ndarray)]]
-    bytes: int
-    seconds: float  # the learner's side: gather + the copy into shared memory
-
-    def tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """(name, tensor) views of the shared memory, in export order (read-only: vLLM only reads them)."""
-        return [(name, _from_numpy(dtype, array)) for ref in self.buckets for name, dtype, array in ray.get(ref)]
 
 
 def _to_numpy(t: torch.Tensor):
@@ -47,7 +35,25 @@ def _from_numpy(dtype: str, array) -> torch.Tensor:
     with warnings.catch_warnings():  # shared memory is read-only; vLLM only reads it while loading
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         t = torch.from_numpy(array)
-    return t.view(getattr(torch, dtype)) if t.dtype != getattr(torch, dtype) else t
+    want = getattr(torch, dtype)
+    return t if t.dtype == want else t.view(want)
+
+
+def _bucket_arrays(bucket: list) -> list:
+    """[(name, dtype name, ndarray)]; tied names in one bucket share one array, which Ray stores once."""
+    arrays: dict = {}
+    out = []
+    for name, t in bucket:
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if key not in arrays:
+            arrays[key] = _to_numpy(t)
+        out.append((name, str(t.dtype).removeprefix("torch."), arrays[key]))
+    return out
+
+
+def bucket_tensors(bucket: list) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) views of one exported bucket's shared memory (read-only)."""
+    return [(name, _from_numpy(dtype, array)) for name, dtype, array in bucket]
 
 
 class Sender:
@@ -57,47 +63,69 @@ class Sender:
         self.learner = learner
         self.dtype = getattr(torch, dtype) if dtype else None
 
-    def export(self) -> Exported | None:
-        """Rank 0: put the weights into the object store, bucket by bucket; other ranks only join ZeRO-3's
-        gathers and return None."""
-        t0, lr = time.perf_counter(), self.learner
-        buckets, nbytes = [], 0
-        for bucket in iter_buckets(lr.engine.module, zero3=lr.cfg.train.zero_stage == 3, bucket_bytes=BUCKET_BYTES,
-                                   dtype=self.dtype, device="cpu"):
-            if lr.rank == 0:
-                arrays = _dedup_numpy(bucket)
-                buckets.append(ray.put(arrays))
-                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        return Exported(buckets, nbytes, time.perf_counter() - t0) if lr.rank == 0 else None
+    def _buckets(self):
+        lr = self.learner
+        return iter_buckets(lr.engine.module, zero3=lr.cfg.train.zero_stage == 3, bucket_bytes=BUCKET_BYTES,
+                            dtype=self.dtype, device="cpu")
+
+    def export(self):
+        """Rank 0, as a streaming call: each bucket, put into the object store as it is yielded."""
+        for bucket in self._buckets():
+            yield _bucket_arrays(bucket)
+
+    def drain(self) -> None:
+        """Ranks > 0 under ZeRO-3: join every bucket's gather."""
+        for _ in self._buckets():
+            pass
 
 
-def _dedup_numpy(bucket: list) -> list:
-    """[(name, dtype name, ndarray)]; tied names share one array object, which Ray's pickling stores once."""
-    seen: dict = {}
-    out = []
-    for name, t in bucket:
-        key = (t.data_ptr(), t.dtype, tuple(t.shape))
-        if key not in seen:
-            seen[key] = _to_numpy(t)
-        out.append((name, str(t.dtype).removeprefix("torch."), seen[key]))
-    return out
+# vLLM's layerwise reload, run on the engine's worker (collective_rpc passes the worker first).
+def _begin(worker) -> None:
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+    initialize_layerwise_reload(worker.model_runner.get_model())
+
+
+def _feed(worker, weights: list) -> None:
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(worker.vllm_config):
+        worker.model_runner.get_model().load_weights(weights)
+
+
+def _finish(worker) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        finalize_layerwise_reload(worker.model_runner.get_model(), worker.vllm_config.model_config)
 
 
 class Receiver:
-    """Engine side."""
+    """Engine side: begin, one feed per bucket as it arrives, finish."""
 
     def __init__(self, engine):
-        self.engine = engine
+        self.engine, self.busy, self.bytes = engine, 0.0, 0
 
-    def load(self, exported: Exported, version: int) -> dict:
-        """Load a version from the object store and drop cached prefixes: their KV came from the old weights."""
+    def begin(self) -> None:
         t0 = time.perf_counter()
-        weights = exported.tensors()
-        llm = self.engine.llm
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        llm.reset_prefix_cache()
+        self.engine.llm.collective_rpc(_begin)
+        self.busy, self.bytes = time.perf_counter() - t0, 0
+
+    def feed(self, bucket: list) -> None:
+        t0 = time.perf_counter()
+        weights = bucket_tensors(bucket)
+        self.engine.llm.collective_rpc(_feed, args=(weights,))
+        self.bytes += sum(t.numel() * t.element_size() for _, t in weights)
+        self.busy += time.perf_counter() - t0
+
+    def finish(self, version: int) -> dict:
+        """Process what the layers received and drop cached prefixes: their KV came from the old weights."""
+        t0 = time.perf_counter()
+        self.engine.llm.collective_rpc(_finish)
+        self.engine.llm.reset_prefix_cache()
         self.engine.weight_version = version
-        return {"load_s": time.perf_counter() - t0}
+        return {"load_s": self.busy + time.perf_counter() - t0, "bytes": self.bytes}
 
 
 class Transport:
@@ -107,15 +135,22 @@ class Transport:
         self.learners, self.zero3 = learners, zero3
 
     def submit(self, version: int, engines: list) -> tuple:
-        """Start: under ZeRO-3 every rank gathers; rank 0's export (refs only) goes to the engines."""
-        exports = [lr.sync.remote("export") for lr in (self.learners if self.zero3 else self.learners[:1])]
-        return exports, [e.sync.remote("load", exports[0], version) for e in engines]
+        """Stream the export to the engines; returns once the learner has put every bucket (its weights are then
+        free to change), with the engines still loading."""
+        t0 = time.perf_counter()
+        drains = [lr.sync.remote("drain") for lr in self.learners[1:]] if self.zero3 else []
+        stream = self.learners[0].sync_stream.options(num_returns="streaming").remote("export")
+        calls = [e.sync.remote("begin") for e in engines]
+        for ref in stream:
+            calls += [e.sync.remote("feed", ref) for e in engines]
+        transport_s = time.perf_counter() - t0
+        return transport_s, drains, calls, [e.sync.remote("finish", version) for e in engines]
 
     def collect(self, handle: tuple) -> dict:
-        exports, loads = handle
-        stats = ray.get(loads)
-        exported = ray.get(exports)[0]
-        return {"bytes": exported.bytes, "transport_s": exported.seconds, "load_s": max(s["load_s"] for s in stats)}
+        transport_s, drains, calls, finishes = handle
+        ray.get(drains + calls)
+        stats = ray.get(finishes)
+        return {"bytes": stats[0]["bytes"], "transport_s": transport_s, "load_s": max(s["load_s"] for s in stats)}
 
     def resync(self, engines: list, version: int) -> dict:
         """A restarted engine holds the base weights: send it the current ones."""
