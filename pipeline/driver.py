@@ -109,6 +109,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
             summary["eval_before"] = evaluate_all(actors.engines, eval_set, named_sets, tokenizer, cfg)
             logger.log(0, {"eval": summary["eval_before"]})
 
+        saving = None  # a checkpoint being written in the background
         bar = tqdm(range(state["step"], steps), initial=state["step"], total=steps, desc=cfg.train.mode,
                    disable=not cfg.logging.progress, dynamic_ncols=True)
         for step in bar:
@@ -151,12 +152,15 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
             logger.log(done, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}")
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (done == steps and cfg.checkpoint.final):
-                summary["checkpoint"] = str(checkpoint.save(actors.learners, out, done, cfg,
-                                                            {"wandb_id": logger.wandb_id}))
+                if saving is not None:
+                    summary["checkpoint"] = str(checkpoint.finish(saving, cfg.checkpoint.keep_last))
+                saving = checkpoint.start(actors.learners, out, done, cfg, {"wandb_id": logger.wandb_id})
             summary["last"] = record
             if on_step is not None:
                 on_step(done, actors)
         rollouts.wait_push()
+        if saving is not None:
+            summary["checkpoint"] = str(checkpoint.finish(saving, cfg.checkpoint.keep_last))
         logger.finish()
         return summary
     finally:
