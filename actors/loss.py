@@ -88,8 +88,8 @@ def sdft_loss(
     """
     valid = valid_mask(completion_ids, layout, eos_id)
     loss_mask = valid & (layout.position >= skip_first_tokens)
-    if is_cap is not None and rollout_logprobs is not None:
-        weights = importance_weights(logp_train, rollout_logprobs, valid, layout, is_cap)
+    if is_cap is not None and rollout_logprobs is not None:  # over the loss mask, as the official code does
+        weights = importance_weights(logp_train, rollout_logprobs, loss_mask, layout, is_cap)
     else:
         weights = torch.ones(layout.num_seqs, device=per_token.device)
     return reduce_loss(layout.per_sequence_mean(per_token, loss_mask), weights, per_token, loss_mask)

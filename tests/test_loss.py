@@ -35,11 +35,11 @@ def reference_loss(s_logits, t_logits, completions, rollout_lp, kind, beta, tau,
             if seen_eos:
                 break  # positions after EOS are masked
             seen_eos = tok == EOS
-            lp_train = torch.log_softmax(zs_seq[t], -1)[tok]
-            ratios.append(min(math.exp(lp_train.item() - lp_roll[t]), cap))
-            if t >= skip:
+            if t >= skip:  # the IS ratio is averaged over the loss mask, as the official code does
+                lp_train = torch.log_softmax(zs_seq[t], -1)[tok]
+                ratios.append(min(math.exp(lp_train.item() - lp_roll[t]), cap))
                 divs.append(_divergence64(zs_seq[t], zt_seq[t], kind, beta, tau))
-        w = sum(ratios) / len(ratios)
+        w = sum(ratios) / len(ratios) if ratios else 0.0
         seq_losses.append(w * (torch.stack(divs).mean() if divs else zs_seq.sum() * 0))
     return torch.stack(seq_losses).mean()
 
@@ -52,7 +52,8 @@ def _batch(lengths, vocab, eos_at=None):
     s = [torch.randn(n, vocab, dtype=torch.float64) * 3 for n in lengths]
     t = [torch.randn(n, vocab, dtype=torch.float64) * 3 for n in lengths]
     # rollout logprobs near the trainer's, some far enough to hit the cap
-    roll = [(torch.log_softmax(z, -1)[torch.arange(len(y)), torch.tensor(y)] + torch.randn(len(y)) * 0.8).tolist()
+    roll = [(torch.log_softmax(z, -1)[torch.arange(len(y)), torch.tensor(y)]
+             + torch.randn(len(y), generator=g, dtype=torch.float64) * 0.8).tolist()
             for z, y in zip(s, completions)]
     return s, t, completions, roll
 
@@ -76,8 +77,9 @@ def test_sdft_loss_matches_float64_reference(kind, beta, tau, skip):
     want = reference_loss(s64, t, y, roll, kind, beta, tau, skip, cap=2.0)
     want.backward()
     assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
-    assert torch.allclose(s_flat.grad.double(), torch.cat([z.grad for z in s64]), rtol=1e-4, atol=1e-7)
-    assert (out.is_weights <= 2.0).all() and (out.is_weights > 0).all()
+    # float32 kernels vs float64: log-probs of logits up to ~±15/tau carry ~1e-7 absolute error into the gradient
+    assert torch.allclose(s_flat.grad.double(), torch.cat([z.grad for z in s64]), rtol=1e-4, atol=1e-6)
+    assert (out.is_weights <= 2.0).all() and (out.is_weights >= 0).all()
 
 
 def test_is_weight_is_capped_and_detached():
