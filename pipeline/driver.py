@@ -63,6 +63,13 @@ def idle_ratios(record: dict, num_engines: int) -> dict:
             "rollout": max(0.0, 1 - busy / (wall * max(num_engines, 1)))}
 
 
+def _finish_if_saved(saving: checkpoint.Pending, keep_last: int) -> str | None:
+    try:
+        return str(checkpoint.finish(saving, keep_last))
+    except RayActorError:  # a rank died while saving: the temp folder stays incomplete and unpublished
+        return None
+
+
 def check_sync(actors: Actors, examples: list[Example], n: int = 2, max_new_tokens: int = 16) -> float:
     """vLLM greedy == learner (HF) greedy on a few prompts; raises if any engine disagrees."""
     prompts = [ex.student_ids for ex in examples[:n]]
@@ -79,6 +86,8 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
     after every completed step (monitoring and fault-injection hooks)."""
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
+
+    t_start = time.perf_counter()
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +111,8 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
         if ckpt:
             ray.get([lr.load.remote(str(ckpt)) for lr in actors.learners])
         logger = MetricsLogger(cfg, out, resume_step=state["step"] if ckpt else None, wandb_id=state.get("wandb_id"))
-        rollouts.push(version=state["step"])  # engines start from the learner's weights (resumed or not)
+        if ckpt:  # engines loaded the base from disk, as the learner did; a resumed learner has moved on
+            rollouts.push(version=state["step"])
         summary = {"steps": steps, "start_step": state["step"], "train_examples": len(train_set),
                    "eval_examples": len(eval_set), "checkpoint": str(ckpt) if ckpt else None}
         if state["step"] == 0 and (eval_set or named_sets):
@@ -126,6 +136,9 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
                     per_rank = ray.get([lr.step.remote(part) for lr, part in
                                         zip(actors.learners, shard(samples, len(actors.learners)))])
                 except RayActorError as e:
+                    if saving is not None:  # a checkpoint saved before the failed step is still good: publish it
+                        summary["checkpoint"] = _finish_if_saved(saving, cfg.checkpoint.keep_last)
+                        saving = None
                     raise LearnerFailed(
                         f"a learner rank died at step {step + 1} ({type(e).__name__}). Last complete checkpoint: "
                         f"{summary['checkpoint'] or 'none'}; continue with `sdft train ... --resume`."
@@ -143,6 +156,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
                         sync["greedy_match"] = check_sync(actors, train_set)
             record["sync"] = sync
             record["timing_s"] = {**timings, "step": time.perf_counter() - t_step}
+            record["elapsed_s"] = time.perf_counter() - t_start  # since train() began: start-up included
             record["learner_tokens_per_s"] = record["tokens"] / timings["learner"]
             record["idle"] = idle_ratios(record, len(actors.engines))
             done = step + 1
