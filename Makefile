@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml
 # SFT and SDFT on the embedded toy world from the same committed base; prints the table, writes
 # runs/demo/{results.json,compare.png}.
 demo: setup
-	$(BIN)/sdft compare configs/toy.yaml --output runs/demo
+	$(BIN)/sdft compare configs/toy.yaml --output runs/demo --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -v -rs --durations=15 tests

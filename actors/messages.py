@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 
@@ -55,3 +56,9 @@ class StepMetrics:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in asdict(self).values())
+
+    def describe_nonfinite(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self).items() if not math.isfinite(v))

@@ -136,17 +136,26 @@ def sampled_kl(student_logits, teacher_logits, sampled_ids, temperature=1.0):
 
 def reference_divergence(student_logits, teacher_logits, divergence="forward_kl", beta=0.5,
                          temperature=1.0, sampled_ids=None, topk=64):
-    """Dispatch by name over the definitions above (shapes already validated, [N, V])."""
+    """Dispatch by name over the definitions above (shapes already validated, [N, V]). A row with a NaN or +inf
+    logit gets a NaN divergence (the definitions treat zero probabilities as 0, which would hide a diverged model
+    as "KL 0"); -inf logits are ordinary zero-probability entries."""
     if divergence == "forward_kl":
-        return forward_kl(student_logits, teacher_logits, temperature)
-    if divergence == "reverse_kl":
-        return reverse_kl(student_logits, teacher_logits, temperature)
-    if divergence == "jsd":
-        return jsd(student_logits, teacher_logits, beta, temperature)
-    if divergence == "topk":
-        return topk_forward_kl(student_logits, teacher_logits, topk, temperature)
-    if divergence == "sampled":
+        out = forward_kl(student_logits, teacher_logits, temperature)
+    elif divergence == "reverse_kl":
+        out = reverse_kl(student_logits, teacher_logits, temperature)
+    elif divergence == "jsd":
+        out = jsd(student_logits, teacher_logits, beta, temperature)
+    elif divergence == "topk":
+        out = topk_forward_kl(student_logits, teacher_logits, topk, temperature)
+    elif divergence == "sampled":
         if sampled_ids is None:
             raise ValueError("divergence='sampled' needs sampled_ids (one token id per row)")
-        return sampled_kl(student_logits, teacher_logits, sampled_ids, temperature)
-    raise ValueError(f"unknown divergence {divergence!r}")
+        out = sampled_kl(student_logits, teacher_logits, sampled_ids, temperature)
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}")
+    broken = _broken_rows(student_logits) | _broken_rows(teacher_logits)
+    return torch.where(broken, torch.full_like(out, float("nan")), out)
+
+
+def _broken_rows(logits):
+    return (torch.isnan(logits) | (logits == float("inf"))).any(-1)

@@ -10,10 +10,46 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 import yaml
 
 PREFIX = "step_"
+RUN_FILES = ("metrics.jsonl", "logs", "wandb")  # what a run writes besides its checkpoints
+
+
+class OutputError(ValueError):
+    """The output folder cannot be used as asked; the message says what to do."""
+
+
+def prepare_output(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Check the output folder before anything starts and return the checkpoint to resume from (or None).
+
+    A folder that holds a previous run is never written into by accident: continue it with `resume`, or
+    delete that run's files with `overwrite`; anything else in the folder is left alone."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputError(f"output {output_dir} is a file, not a folder: choose another --output")
+    previous = sorted(p.name for p in output_dir.glob("*") if p.name in RUN_FILES or p.name.startswith(PREFIX)) \
+        if output_dir.exists() else []
+    if overwrite:
+        for name in previous:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for tmp in output_dir.glob(f".{PREFIX}*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = []
+    ckpt = latest(output_dir) if resume else None
+    if previous and ckpt is None:
+        hint = ("it has no complete checkpoint to resume from" if resume
+                else "continue it with --resume")
+        raise OutputError(f"output {output_dir} holds a previous run ({', '.join(previous[:4])}): {hint}, or start "
+                          "over with --overwrite (deletes that run), or choose another --output")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".sdft-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"output {output_dir} is not writable ({e.strerror}): choose another --output") from None
+    return ckpt
 
 
 @dataclass
@@ -42,6 +78,8 @@ def start(learners: list, output_dir: Path, step: int, cfg, extra: dict) -> Pend
 def finish(pending: Pending, keep_last: int) -> Path:
     """Wait for the learners, then publish the folder under its step_* name (a rename: all or nothing) and keep
     the newest `keep_last`."""
+    import ray
+
     ray.get(pending.saves)
     for name, text in pending.meta.items():
         (pending.folder / name).write_text(text)

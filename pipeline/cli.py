@@ -7,21 +7,22 @@ import json
 import sys
 from pathlib import Path
 
+from .checkpoint import OutputError
 from .config import DEFAULT_CONFIG, ConfigError, load_config
 from .data import DataError
 from .evaluation import EvalError
 from .models import ModelNotFound
 
-USER_ERRORS = (ConfigError, DataError, EvalError, ModelNotFound)
+USER_ERRORS = (ConfigError, DataError, EvalError, ModelNotFound, OutputError)
 
 
 def _run_failures() -> tuple[type, ...]:
     from actors.launcher import PlacementError
 
-    from .driver import LearnerFailed, SyncMismatch
+    from .driver import LearnerFailed, SyncMismatch, TrainingDiverged
     from .scheduler import EngineFailed
 
-    return (LearnerFailed, EngineFailed, PlacementError, SyncMismatch)
+    return (LearnerFailed, EngineFailed, PlacementError, SyncMismatch, TrainingDiverged)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--output", help="output folder for checkpoints and metrics.jsonl (overrides output_dir)")
     t.add_argument("--steps", type=int, help="number of optimizer steps (overrides train.steps)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in an output folder that holds a previous run (its metrics, checkpoints and "
+                        "logs are deleted)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     e = sub.add_parser("eval", help="evaluate a checkpoint on the eval split of its config",
                        description="Generate greedily on the eval prompts (no demonstrations) and score them.")
@@ -51,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--output", default="runs/compare", help="folder for the runs, results.json and compare.png")
     c.add_argument("--steps", type=int, help="optimizer steps per method (overrides train.steps)")
     c.add_argument("--methods", default="sft,sdft", help="comma-separated: sft, sdft (default: sft,sdft)")
+    c.add_argument("--overwrite", action="store_true", help="replace the runs a previous compare left in --output")
     c.add_argument("--sequential", nargs="+", metavar="NAME=TRAIN,EVAL",
                    help="train the stages one after another (each from the previous weights); forgetting table")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -76,7 +81,9 @@ def _train(args) -> dict:
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     cfg = load_config(config, overrides)
-    summary = train(cfg, resume=args.resume)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in the output folder, --overwrite deletes it: choose one")
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print_summary(summary, cfg.output_dir)
     return summary
 
@@ -136,8 +143,8 @@ def _compare(args) -> dict:
             stages = parse_stages(args.sequential)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        return run_sequential(config, overrides, Path(args.output), methods, stages)
-    return run_compare(config, overrides, Path(args.output), methods)
+        return run_sequential(config, overrides, Path(args.output), methods, stages, args.overwrite)
+    return run_compare(config, overrides, Path(args.output), methods, args.overwrite)
 
 
 def _config(args) -> None:

@@ -45,14 +45,15 @@ def _method_cfg(config: str | None, overrides: list[str], out: Path, method: str
     return load_config(config, [*overrides, f"output_dir={out / method}", f"train.mode={method}"])
 
 
-def run_compare(config: str | None, overrides: list[str], output: Path, methods: list[str]) -> dict:
+def run_compare(config: str | None, overrides: list[str], output: Path, methods: list[str],
+                overwrite: bool = False) -> dict:
     from .driver import train
 
     output.mkdir(parents=True, exist_ok=True)
     results: dict = {"methods": methods, "history": {}}
     for method in methods:
         cfg = _method_cfg(config, overrides, output, method)
-        summary = train(cfg)
+        summary = train(cfg, overwrite=overwrite)
         before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
         if "base" not in results:
             results["base"] = _row(before, cfg)
@@ -190,7 +191,7 @@ def parse_stages(items: list[str]) -> list[tuple[str, str, str]]:
 
 
 def run_sequential(config: str | None, overrides: list[str], output: Path, methods: list[str],
-                   stages: list[tuple[str, str, str]]) -> dict:
+                   stages: list[tuple[str, str, str]], overwrite: bool = False) -> dict:
     """Stages in a row; after each, accuracy on every stage's held-out set and the prior skills."""
     from .checkpoint import latest
     from .driver import train
@@ -205,7 +206,7 @@ def run_sequential(config: str | None, overrides: list[str], output: Path, metho
             cfg = load_config(config, [*overrides, *stage_sets, *model_override,
                                        f"output_dir={output / method / name}", f"train.mode={method}",
                                        f"data.train={train_file}", f"data.eval={eval_file}"])
-            summary = train(cfg)
+            summary = train(cfg, overwrite=overwrite)
             if i == 0:
                 results.setdefault("base", _stage_row(summary["eval_before"], stages, cfg))
             rows.append({"after": name, **_stage_row(summary["eval_after"], stages, cfg)})

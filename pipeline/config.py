@@ -28,7 +28,51 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    # allow_inf_nan=False: `train.lr=.inf` or `nan` is a typo, never a setting
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
+
+
+# LoRA ranks a vLLM engine can serve (`max_lora_rank` must be one of vllm.config.lora.MaxLoRARanks); an adapter of
+# rank r runs in an engine started with the smallest of them >= r.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# All attention and MLP projections of Llama / Qwen / Mistral-style decoders.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRAConfig(_Section):
+    r: int | None = Field(
+        None, ge=1, description="LoRA rank; None: LoRA off (full fine-tuning). Set: only the adapter trains, the "
+        "teacher is the same base with its own adapter, and only the adapter is pushed to the engines",
+    )
+    alpha: float | None = Field(None, gt=0.0, description="LoRA scaling: the update is (alpha / r)·B·A; None: 2·r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input (training only)")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS),
+        description="names of the linear layers that get an adapter (peft's suffix match); each must exist in the "
+        "model (checked when it is loaded)",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.r is not None
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.r
+
+    @property
+    def max_lora_rank(self) -> int:
+        """The engines' `max_lora_rank`: the smallest rank vLLM supports that holds `r`."""
+        return next(k for k in VLLM_LORA_RANKS if k >= self.r)
+
+    @model_validator(mode="after")
+    def _servable(self):
+        if self.r is not None and self.r > VLLM_LORA_RANKS[-1]:
+            raise ValueError(f"model.lora.r={self.r} is above the largest LoRA rank vLLM engines serve "
+                             f"(max_lora_rank in {', '.join(map(str, VLLM_LORA_RANKS))}): use r <= {VLLM_LORA_RANKS[-1]}")
+        if not self.target_modules:
+            raise ValueError("model.lora.target_modules is empty: name at least one linear layer, e.g. q_proj")
+        return self
 
 
 class ModelConfig(_Section):

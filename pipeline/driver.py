@@ -54,6 +54,10 @@ class LearnerFailed(RuntimeError):
     pass
 
 
+class TrainingDiverged(RuntimeError):
+    pass
+
+
 def idle_ratios(record: dict, num_engines: int) -> dict:
     """Share of the step's wall time each side spent waiting: the learner outside its step, the engines
     outside generation (engine-side seconds, so overlapped generation counts as busy)."""
@@ -81,23 +85,24 @@ def check_sync(actors: Actors, examples: list[Example], n: int = 2, max_new_toke
     return 1.0
 
 
-def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], None] | None = None) -> dict:
-    """Run SDFT (or the SFT baseline) as configured; returns a summary dict. `on_step(step, actors)` is called
-    after every completed step (monitoring and fault-injection hooks)."""
+def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], None] | None = None,
+          overwrite: bool = False) -> dict:
+    """Run SDFT (or the SFT baseline) as configured; returns a summary dict. A folder that holds a previous run is
+    continued with `resume` or replaced with `overwrite`, never written into otherwise. `on_step(step, actors)` is
+    called after every completed step (monitoring and fault-injection hooks)."""
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
 
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint.prepare_output(out, resume, overwrite)
     model_path = resolve_model(cfg.model.path, cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     train_set, eval_set = load_splits(cfg, tokenizer)
     named_sets = load_eval_sets(cfg, tokenizer)  # eval.sets: e.g. prior skills (retention)
     steps = total_steps(cfg, len(train_set))
 
-    ckpt = checkpoint.latest(out) if resume else None
     state = checkpoint.trainer_state(ckpt) if ckpt else {"step": 0}
     log_dir = out.resolve() / "logs"
     log_file = log_to_file(log_dir)
@@ -143,7 +148,17 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
                         f"a learner rank died at step {step + 1} ({type(e).__name__}). Last complete checkpoint: "
                         f"{summary['checkpoint'] or 'none'}; continue with `sdft train ... --resume`."
                     ) from e
-                record.update(StepMetrics.merge(per_rank).as_dict())
+                metrics = StepMetrics.merge(per_rank)
+                record.update(metrics.as_dict())
+            if not metrics.finite():
+                if saving is not None:  # saved before this step: still good
+                    summary["checkpoint"] = _finish_if_saved(saving, cfg.checkpoint.keep_last)
+                    saving = None
+                raise TrainingDiverged(
+                    f"step {step + 1} produced non-finite values ({metrics.describe_nonfinite()}); the weights are "
+                    f"not saved. Last good checkpoint: {summary['checkpoint'] or 'none'}. Try a lower train.lr or "
+                    "train.grad_clip, more train.warmup_steps, or check the data; resume with `sdft train ... "
+                    "--resume` from a good checkpoint.")
             with timed(timings, "sync"):
                 if cfg.async_.max_staleness and not cfg.sync.check_greedy:
                     # Overlap: this step's weights load into the engines while the learner runs the next step;

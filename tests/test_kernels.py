@@ -436,3 +436,14 @@ def test_import_is_lazy():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
     assert set(kernels.__all__) >= {"token_divergence", "fused_linear_token_divergence"}
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "topk", "sampled"])
+def test_reference_propagates_nan(divergence):
+    """A diverged model must not read as KL 0: a NaN (or +inf) logit makes its row NaN, other rows are untouched."""
+    zs, zt = torch.randn(3, 11), torch.randn(3, 11)
+    ids = torch.tensor([1, 2, 3])
+    clean = kernels.token_divergence(zs, zt, divergence=divergence, sampled_ids=ids, topk=4)
+    zs[1, 5], zt[2, 0] = float("nan"), float("inf")
+    got = kernels.token_divergence(zs, zt, divergence=divergence, sampled_ids=ids, topk=4)
+    assert torch.isnan(got[1]) and torch.isnan(got[2]) and torch.equal(got[0], clean[0])
