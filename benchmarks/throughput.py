@@ -27,11 +27,12 @@ def _run(name: str, args, *overrides) -> dict:
     from pipeline.config import load_config
     from pipeline.driver import train
 
-    out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    out = Path(tempfile.mkdtemp(prefix="bench-"))
     cfg = load_config(SMOKE, [
         f"output_dir={out}", f"model.path={args.model}", f"train.steps={args.steps}", f"train.batch_size={args.batch}",
         f"train.micro_batch_size={args.batch}", f"rollout.max_new_tokens={args.max_new_tokens}", "data.eval_size=1",
-        "eval.max_new_tokens=1", "logging.progress=false", "logging.wandb=false", "checkpoint.every=0", *overrides,
+        "eval.max_new_tokens=1", "logging.progress=false", "logging.wandb=false", "checkpoint.every=0",
+        "checkpoint.final=false", *overrides,
     ])
     t0 = time.perf_counter()
     train(cfg)
@@ -98,6 +99,10 @@ def main() -> None:
 
     rows = [
         _run("strict, 1 engine", args),
+        # thread layouts (learner/engine): the default in strict mode on CPU gives each role both cores in turn
+        _run("strict, threads 1/1", args, "ray.learner_threads=1", "ray.rollout_threads=1"),
+        _run("strict, threads 2/1", args, "ray.learner_threads=2", "ray.rollout_threads=1"),
+        _run("strict, threads 1/2", args, "ray.learner_threads=1", "ray.rollout_threads=2"),
         _run("async (staleness 1), 1 engine", args, "async.max_staleness=1"),
         _run("strict, 2 engines", args, "rollout.num_engines=2", "ray.rollout_cpus=0.5", "ray.learner_cpus=1"),
         _hf_generate(args),
