@@ -39,10 +39,21 @@ def completion_logits(model, contexts: list[list[int]], completions: list[list[i
                       for i, (c, y) in enumerate(zip(contexts, completions))])
 
 
+def decoder(model) -> torch.nn.Module:
+    """The transformer under the LM head (its output is the final hidden states) of an HF causal LM, a peft model
+    or a DeepSpeed engine around either. An HF model's `base_model` is that body; a peft model's `base_model` is
+    its LoRA wrapper (whose forward is the whole causal LM), so go through the model it wraps: the LoRA layers sit
+    inside it, and the active adapter (or `disable_adapter()`) still applies."""
+    inner = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
+    if callable(getattr(inner, "get_base_model", None)):  # peft
+        inner = inner.get_base_model()
+    return inner.base_model
+
+
 def completion_hidden(model, contexts: list[list[int]], completions: list[list[int]], pad_id: int) -> torch.Tensor:
     """Final hidden states at the same positions, [N, H], for the fused-linear kernels (ZeRO <= 2)."""
     ids, mask = _inputs(contexts, completions, pad_id, next(model.parameters()).device)
-    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = decoder(model)(input_ids=ids, attention_mask=mask).last_hidden_state
     return torch.cat([hidden[i, len(c) - 1 : len(c) - 1 + len(y)] for i, (c, y) in enumerate(zip(contexts, completions))])
 
 

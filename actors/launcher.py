@@ -120,6 +120,10 @@ def _threads(cfg, gpu: bool, configured: int | None, role_cpus: float) -> int:
 def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, log_dir: str | None = None) -> Actors:
     """Start learner ranks + engines (on GPUs when the cluster has them) and wire the weight sync. Actors write
     their output to `log_dir` (one file each) when given."""
+    if cfg.model.lora.enabled:  # a target module the model lacks: one clear error before any actor starts
+        from .adapters import check_targets_at
+
+        check_targets_at(model_path, cfg.model.lora.target_modules, cfg.model.trust_remote_code)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     gpu = ray.cluster_resources().get("GPU", 0) > 0
     colocated = cfg.ray.placement == "colocated"
@@ -156,7 +160,7 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, lo
     try:
         ray.get([a.__ray_ready__.remote() for a in [*learners, *engines]])
         if engines:
-            backend = resolve_backend(cfg.sync.backend, gpu, cfg.ray.placement)
+            backend = resolve_backend(cfg.sync.backend, gpu, cfg.ray.placement, lora=cfg.model.lora.enabled)
             if backend == "ipc" and cfg.train.zero_stage == 3 and cfg.ray.learner_ranks > 1:
                 raise PlacementError("sync.backend=ipc shares the whole model from rank 0's memory; with ZeRO-3 over "
                                      "several ranks use sync.backend=nccl (bucketed gather) or train.zero_stage<=2")

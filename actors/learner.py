@@ -51,13 +51,21 @@ class Learner:
         )
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        self.lora = cfg.model.lora.enabled
+        if self.lora:  # the student is the base (frozen) + a LoRA adapter: only the adapter trains
+            from .adapters import wrap
+
+            model = wrap(model, cfg.model.lora)
+            if cfg.train.gradient_checkpointing:  # checkpointed blocks need an input that requires grad
+                model.enable_input_require_grads()
         self.teacher = None  # before DeepSpeed: ZeRO-3 partitions the model it is given
         if cfg.train.mode == "sdft":
             self.teacher = Teacher(cfg.teacher.kind, model, ema_alpha=cfg.teacher.ema_alpha, dtype=self.dtype,
                                    device="cuda" if on_gpu else "cpu")
 
         per_rank = cfg.sequences_per_step // world_size  # divisibility checked by Config
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, or the LoRA adapter's
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self._scheduler(optimizer, total_steps),
             config=self._ds_config(per_rank), dist_init_required=False,
@@ -189,13 +197,25 @@ class Learner:
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def save(self, folder: str) -> None:
-        """Student as an HF folder, the teacher's state, DeepSpeed engine state (optimizer, scheduler, RNG)."""
+        """Student as an HF folder, the teacher's state, DeepSpeed engine state (optimizer, scheduler, RNG).
+
+        Under LoRA: `model/` is base + student adapter merged (a plain HF model, for `sdft eval` and vLLM),
+        `adapter/` the student adapter in peft format, `teacher_adapter/` the EMA adapter, and the DeepSpeed state
+        holds only the trainable (adapter) parameters besides the optimizer: the base comes from model.path."""
         folder = Path(folder)
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state",
-                                    client_state={"torch_rng": torch.get_rng_state()})
-        with self._full_params():  # collective under ZeRO-3: every rank enters, rank 0 writes
+                                    client_state={"torch_rng": torch.get_rng_state()},
+                                    exclude_frozen_parameters=self.lora)
+        if self.lora:
             if self.rank == 0:
-                self.engine.module.save_pretrained(folder / "model", safe_serialization=True)
+                from .adapters import STUDENT, save_merged
+
+                self.engine.module.save_pretrained(folder / "adapter", selected_adapters=[STUDENT])
+                save_merged(self.engine.module, folder / "model")
+        else:
+            with self._full_params():  # collective under ZeRO-3: every rank enters, rank 0 writes
+                if self.rank == 0:
+                    self.engine.module.save_pretrained(folder / "model", safe_serialization=True)
         if self.rank == 0:
             self.tokenizer.save_pretrained(folder / "model")
             if self.teacher is not None:
@@ -204,7 +224,8 @@ class Learner:
 
     def load(self, folder: str) -> None:
         folder = Path(folder)
-        _, client = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+        _, client = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state",
+                                                load_module_strict=not self.lora)  # LoRA: the adapter only
         torch.set_rng_state(client["torch_rng"])
         if self.teacher is not None:
             self.teacher.load(folder)

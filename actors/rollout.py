@@ -54,9 +54,12 @@ class RolloutEngine:
                 from .weight_sync.vllm_transfer import engine_kwargs
 
                 kwargs.update(engine_kwargs(cfg.sync.backend))
+        if cfg.model.lora.enabled:  # the base stays; the student arrives as LoRA adapters (weight_sync/lora.py)
+            kwargs.update(enable_lora=True, max_lora_rank=cfg.model.lora.max_lora_rank, max_loras=1)
         self.llm = LLM(**kwargs)
         self.sleep_mode = sleep_mode
         self.weight_version = 0
+        self.lora_request = None  # under LoRA the student adapter in use; None: the base (a fresh adapter, B = 0)
         self.receiver = None  # this engine's end of the weight sync (open_sync)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
@@ -73,7 +76,8 @@ class RolloutEngine:
 
         t0 = time.perf_counter()
         outs = self.llm.generate(
-            [{"prompt_token_ids": p} for p in prompts], [params(i) for i in range(len(prompts))], use_tqdm=False
+            [{"prompt_token_ids": p} for p in prompts], [params(i) for i in range(len(prompts))], use_tqdm=False,
+            lora_request=self.lora_request,
         )
         seconds = time.perf_counter() - t0
         results = []

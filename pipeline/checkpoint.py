@@ -1,6 +1,7 @@
 """Checkpoints: `OUTPUT/step_NNNNNN/` holds the student as an HF folder (`model/`), the EMA teacher, the
-DeepSpeed state (optimizer, scheduler, RNG) and `trainer_state.json`. Written to a hidden temp folder and
-renamed, so a folder named step_* is always complete."""
+DeepSpeed state (optimizer, scheduler, RNG) and `trainer_state.json` (with `model.lora`, also `adapter/` and
+`teacher_adapter/`, and `model/` is base + adapter merged: actors/learner.py `save`). Written to a hidden temp
+folder and renamed, so a folder named step_* is always complete."""
 
 from __future__ import annotations
 

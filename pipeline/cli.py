@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sequential", nargs="+", metavar="NAME=TRAIN,EVAL",
                    help="train the stages one after another (each from the previous weights); forgetting table")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    x = sub.add_parser("export", help="write a checkpoint's student as one HF model folder (LoRA: base + adapter merged)",
+                       description="Write the student of a `sdft train` checkpoint as a plain HF model folder (config, "
+                                   "safetensors, tokenizer) that transformers and vLLM load without peft; a LoRA "
+                                   "checkpoint's adapter is merged into its base.")
+    x.add_argument("checkpoint", help="a step_* folder written by `sdft train`")
+    x.add_argument("--merge", metavar="OUT", required=True, help="output folder of the merged model")
     sub.add_parser("config", help="print the config reference: every key, its type, default and meaning",
                    description="The reference generated from the typed config (the same text as docs/config.md).")
     return p
@@ -104,7 +110,8 @@ def _eval(args) -> dict:
     if config is None and (ckpt / "config.yaml").exists():
         config = str(ckpt / "config.yaml")
     model_dir = ckpt / "model" if (ckpt / "model" / "config.json").exists() else ckpt
-    cfg = load_config(config, [*overrides, f"model.path={model_dir}"])
+    # model/ of a LoRA run is base + adapter merged: a plain model, served without LoRA
+    cfg = load_config(config, [*overrides, f"model.path={model_dir}", "model.lora.r=null"])
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     _, eval_set = load_splits(cfg, tokenizer)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
@@ -147,6 +154,15 @@ def _compare(args) -> dict:
     return run_compare(config, overrides, Path(args.output), methods, args.overwrite)
 
 
+def _export(args) -> dict:
+    from .export import export_merged
+
+    out = export_merged(Path(args.checkpoint), Path(args.merge))
+    result = {"checkpoint": str(args.checkpoint), "merged": str(out)}
+    print(json.dumps(result, indent=1))
+    return result
+
+
 def _config(args) -> None:
     from .config_doc import render
 
@@ -163,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
-        {"train": _train, "eval": _eval, "compare": _compare, "config": _config}[args.command](args)
+        {"train": _train, "eval": _eval, "compare": _compare, "export": _export, "config": _config}[args.command](args)
     except USER_ERRORS as e:
         print(f"sdft: error: {e}", file=sys.stderr)
         return 2

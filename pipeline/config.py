@@ -42,7 +42,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class LoRAConfig(_Section):
     r: int | None = Field(
         None, ge=1, description="LoRA rank; None: LoRA off (full fine-tuning). Set: only the adapter trains, the "
-        "teacher is the same base with its own adapter, and only the adapter is pushed to the engines",
+        "teacher is the same base with its own adapter, only the adapter is pushed to the engines (served with "
+        "max_lora_rank = the smallest vLLM rank >= r); train.zero_stage 0 or 2, not 3",
     )
     alpha: float | None = Field(None, gt=0.0, description="LoRA scaling: the update is (alpha / r)·B·A; None: 2·r")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input (training only)")
@@ -88,6 +89,7 @@ class ModelConfig(_Section):
         1024, gt=0, description="context length of the vLLM engines; prompt + rollout.max_new_tokens must fit"
     )
     trust_remote_code: bool = Field(False, description="passed to the tokenizer, the HF model and vLLM")
+    lora: LoRAConfig = Field(LoRAConfig(), description="LoRA: train a low-rank adapter instead of every weight")
 
     def resolved_dtype(self, on_gpu: bool) -> str:
         """The dtype name `auto` stands for on this device."""
@@ -319,6 +321,14 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _compatible(self):
+        if self.model.lora.enabled and self.train.zero_stage == 3:
+            raise ValueError("LoRA with train.zero_stage=3 is not supported; use 0 or 2")
+        if self.model.lora.enabled and self.sync.backend in ("nccl", "ipc"):
+            raise ValueError(f"model.lora pushes only the adapter, through the object store: sync.backend="
+                             f"{self.sync.backend} does not apply; leave it at auto")
+        if self.model.lora.enabled and self.loss.backend == "fused_linear" and "lm_head" in self.model.lora.target_modules:
+            raise ValueError("loss.backend=fused_linear reads the lm_head weight itself, so an adapter on lm_head would be "
+                             "left out: remove lm_head from model.lora.target_modules or use loss.backend=torch|triton")
         if self.loss.backend == "fused_linear" and self.train.zero_stage == 3:
             raise ValueError("loss.backend=fused_linear needs the full lm_head on each rank: use train.zero_stage <= 2")
         per_rank = self.ray.learner_ranks * self.train.micro_batch_size

@@ -65,5 +65,5 @@ def test_loss_backends_agree(ray_session, tiny_model):
         assert m[0]["loss"] == pytest.approx(torch_m[0]["loss"], rel=1e-5)
         assert m[0]["is_weight_mean"] == pytest.approx(torch_m[0]["is_weight_mean"], rel=1e-5)
         # Adam's first step is ~lr * g / |g|: on embedding rows whose gradient is ~1e-8 the last bits of g decide
-        # the update, so weights agree to a small fraction of one step (lr = 1e-2), not to float32 precision.
-        _close(w, torch_w, 5e-5)
+        # the update, so weights agree to 1 % of one step (lr = 1e-2), not to float32 precision.
+        _close(w, torch_w, 1e-4)

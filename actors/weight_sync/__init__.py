@@ -6,7 +6,9 @@ Each backend is one module holding its three sides together — `Sender` (lives 
 * `object_store` (CPU, any placement): the state dict through Ray's shared-memory object store
   (`object_store.py`);
 * `nccl` / `ipc` (GPU): vLLM's own weight-transfer API, NCCL broadcast for disaggregated engines, CUDA IPC for
-  colocated ones (`vllm_transfer.py`; not exercised without a GPU).
+  colocated ones (`vllm_transfer.py`; not exercised without a GPU);
+* `lora` (any device; chosen whenever `model.lora` is on): only the student's LoRA adapter, through the object
+  store, loaded by each engine as a new vLLM LoRA adapter (`lora.py`).
 
 Learner and engine actors only host their side (`open_sync`, then `sync(op, ...)` calls); the scheduler only
 calls `WeightSync.push(version)` (or `submit`/`collect` to overlap it with the learner's next step) and
@@ -18,10 +20,12 @@ from __future__ import annotations
 
 import time
 
-BACKENDS = ("object_store", "nccl", "ipc")
+BACKENDS = ("object_store", "nccl", "ipc", "lora")
 
 
-def resolve_backend(name: str, on_gpu: bool, placement: str = "disaggregated") -> str:
+def resolve_backend(name: str, on_gpu: bool, placement: str = "disaggregated", lora: bool = False) -> str:
+    if lora:  # the base never changes: only the adapter is sent (the config rejects nccl / ipc with LoRA)
+        return "lora"
     if name != "auto":
         return name
     if not on_gpu:
@@ -34,6 +38,10 @@ def _module(backend: str):
         from . import object_store
 
         return object_store
+    if backend == "lora":
+        from . import lora
+
+        return lora
     from . import vllm_transfer
 
     return vllm_transfer
@@ -58,7 +66,7 @@ class WeightSync:
         if backend not in BACKENDS:
             raise ValueError(f"sync.backend={backend!r}: expected one of {BACKENDS}")
         self.backend, self.engines, self.version = backend, engines, 0
-        options = {"dtype": dtype} if backend == "object_store" else {"backend": backend}
+        options = {"dtype": dtype} if backend in ("object_store", "lora") else {"backend": backend}
         ray.get([lr.open_sync.remote(backend, **options) for lr in learners]
                 + [e.open_sync.remote(backend) for e in engines])
         self.transport = _module(backend).Transport(learners, engines, backend=backend, zero3=zero3)

@@ -1,0 +1,102 @@
+"""LoRA backend (`model.lora`): only the student adapter travels, through Ray's object store, as a peft adapter.
+
+The engines run the base model with LoRA enabled (`enable_lora`, `max_lora_rank`); the base never changes. After
+every step learner rank 0 exports its student adapter (the tensors `get_peft_model_state_dict` gives, plus the
+adapter config): a few MB that Ray puts once in shared memory. Each engine writes it to a temp folder of its own as
+a peft adapter (`adapter_config.json` + `adapter_model.safetensors`; engines on other nodes share no filesystem
+with the learner), loads it as a new `LoRARequest` (a fresh id per load), drops the previous one and its folder,
+and samples with it from then on (`RolloutEngine.lora_request`).
+
+Version 0 is the fresh adapter, B = 0: the base itself, which an engine without any adapter (just started, or
+restarted after a crash) samples from. A restarted engine is re-synced like any other: it gets the current adapter.
+ZeRO-3 is not supported with LoRA (config error), so every rank holds the whole adapter and rank 0 alone exports.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from .object_store import _bucket_arrays, bucket_tensors
+
+
+class Sender:
+    """Learner side (rank 0 exports; the other ranks hold the same adapter)."""
+
+    def __init__(self, learner, dtype: str | None = None):
+        self.learner = learner
+        self.dtype = getattr(torch, dtype) if dtype else None
+
+    def export(self) -> dict:
+        from ..adapters import STUDENT, adapter_config, adapter_params
+
+        model = self.learner.engine.module
+        tensors = [(name, p.detach().to(device="cpu", dtype=self.dtype or p.dtype))
+                   for name, p in adapter_params(model, STUDENT).items()]
+        return {"config": adapter_config(model, STUDENT), "tensors": _bucket_arrays(tensors)}
+
+
+class Receiver:
+    """Engine side: one call per version, with the exported adapter. The adapter in use is the engine's own
+    `lora_request` (None: the base), so a receiver opened again on a live engine carries on from it."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        previous = engine.lora_request
+        # Each adapter in a folder of its own under one temp folder per engine process; the one in use is kept
+        # (vLLM reads it again should it ever drop it from its cache), the previous one deleted.
+        self.root = Path(previous.lora_path).parent if previous is not None else Path(
+            tempfile.mkdtemp(prefix="sdft-lora-"))
+
+    def load(self, adapter: dict, version: int) -> dict:
+        from vllm.lora.request import LoRARequest
+
+        from ..adapters import write_adapter
+
+        t0 = time.perf_counter()
+        tensors = dict(bucket_tensors(adapter["tensors"]))
+        previous = self.engine.lora_request
+        lora_id = previous.lora_int_id + 1 if previous is not None else 1  # vLLM caches adapters by id: a new one
+        folder = write_adapter(self.root / f"v{version}-{lora_id}", adapter["config"], tensors)
+        request = LoRARequest(f"student-v{version}-{lora_id}", lora_id, str(folder))
+        engine = self.engine.llm.llm_engine
+        if not engine.add_lora(request):
+            raise RuntimeError(f"vLLM did not load the student adapter of version {version} from {folder}")
+        self.engine.lora_request = request
+        if previous is not None:
+            engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        self.engine.llm.reset_prefix_cache()  # cached prefixes were computed under the previous adapter
+        self.engine.weight_version = version
+        return {"load_s": time.perf_counter() - t0, "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+
+
+class Transport:
+    """Driver side."""
+
+    def __init__(self, learners: list, engines: list, *, backend: str = "lora", zero3: bool = False):
+        self.learners = learners
+
+    def submit(self, version: int, engines: list) -> tuple:
+        """Export (returns once rank 0 has put the adapter: its weights are then free to change) and hand the one
+        object-store copy to every engine, which loads it before its next generation."""
+        t0 = time.perf_counter()
+        ref = self.learners[0].sync.remote("export")
+        ray.wait([ref], fetch_local=False)
+        transport_s = time.perf_counter() - t0
+        return transport_s, [e.sync.remote("load", ref, version) for e in engines]
+
+    def collect(self, handle: tuple) -> dict:
+        transport_s, loads = handle
+        stats = ray.get(loads)
+        return {"bytes": stats[0]["bytes"] if stats else 0, "transport_s": transport_s,
+                "load_s": max((s["load_s"] for s in stats), default=0.0)}
+
+    def resync(self, engines: list, version: int) -> dict:
+        """A restarted engine has no adapter (the base, version 0): send it the current one."""
+        return self.collect(self.submit(version, engines))
