@@ -57,13 +57,17 @@ def test_config_rejects_non_finite_numbers(value):
         load_config(SMOKE, [f"train.lr={value}"])
 
 
-def test_cli_refuses_a_previous_run_in_one_line_before_ray(tmp_path, capsys):
-    import ray
+def test_cli_refuses_a_previous_run_in_one_line_before_ray(tmp_path, capsys, monkeypatch):
+    import pipeline.driver
 
+    def launch(*args, **kwargs):
+        raise AssertionError("actors were launched")
+
+    monkeypatch.setattr(pipeline.driver, "launch", launch)  # the refusal must come before any actor starts
     _previous_run(tmp_path)
     assert cli_main(["train", SMOKE, "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--overwrite" in err[0] and not ray.is_initialized()
+    assert len(err) == 1 and "--overwrite" in err[0]
     assert cli_main(["train", SMOKE, "--output", str(tmp_path), "--resume", "--overwrite"]) == 2
 
 
