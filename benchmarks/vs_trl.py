@@ -12,6 +12,8 @@ warm-up steps then cosine, clipping 1.0, batch = micro-batch, fp32, one torch th
   sdft-async   the same with `async.max_staleness=1` (generation for step j overlaps the learner's step j - 1)
   trl-vllm     TRL SDFTTrainer, `use_vllm=True, vllm_mode="colocate"` (vLLM in the trainer's process, fp32 engine)
   trl-hf       TRL SDFTTrainer sampling with Hugging Face `generate`
+  sdft-strict-auto  (only with --rows) sdft strict with the project's own CPU threading (`ray.learner_threads` /
+               `rollout_threads` unset) instead of one thread per process
 
 Workloads: `tiny` = `tiny:llama` (the project's random tiny Llama) with 8 prompts x 32 new tokens per step on
 configs/data/tiny.jsonl; `smollm2` = `package:smollm2` (SmolLM2-135M-Instruct) with 4 prompts x 32 new tokens on
@@ -55,7 +57,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "default.yaml"
-RESULT_TAG = "vs_trl result"
 
 WORKLOADS = {
     "tiny": dict(spec="tiny:llama", data="configs/data/tiny.jsonl", batch=8, max_model_len=256),
@@ -66,7 +67,11 @@ ROWS = {
     "sdft-async": "sdft async (staleness 1)",
     "trl-vllm": "TRL SDFTTrainer + vLLM colocate",
     "trl-hf": "TRL SDFTTrainer + HF generate",
+    # not in the default set: sdft strict with the project's own CPU threading instead of one thread per process
+    "sdft-strict-auto": "sdft strict, default threads",
 }
+DEFAULT_ROWS = ["sdft-strict", "sdft-async", "trl-vllm", "trl-hf"]
+BASE_LABELS = {"trl-vllm": "TRL-vLLM", "trl-hf": "TRL-HF"}  # the rows speed is reported against
 # The shared recipe; both sides get these values.
 RECIPE = dict(max_new_tokens=32, lr=1e-4, warmup_steps=2, seed=0, skip_first_tokens=3, ema_alpha=0.01, grad_clip=1.0)
 
@@ -91,7 +96,7 @@ def worker_env() -> dict[str, str]:
 
 def _sdft_worker(row: str, spec: dict) -> dict:
     sys.path.insert(0, str(ROOT))
-    from pipeline.config import CheckpointConfig, load_config
+    from pipeline.config import CheckpointConfig, RayConfig, load_config
     from pipeline.driver import train
 
     out = Path(tempfile.mkdtemp(prefix=f"vs-trl-{row}-"))
@@ -108,6 +113,9 @@ def _sdft_worker(row: str, spec: dict) -> dict:
         f"loss.skip_first_tokens={r['skip_first_tokens']}",
         f"async.max_staleness={1 if row == 'sdft-async' else 0}",
     ]
+    one_thread = row != "sdft-strict-auto" and "learner_threads" in RayConfig.model_fields
+    if one_thread:  # strict mode on CPU otherwise gives learner and engine both cores' threads (they take turns)
+        overrides += ["ray.learner_threads=1", "ray.rollout_threads=1"]
     if "final" in CheckpointConfig.model_fields:  # the end-of-run checkpoint, when it can be turned off
         overrides.append("checkpoint.final=false")
     cfg = load_config(SMOKE, overrides)
@@ -124,7 +132,7 @@ def _sdft_worker(row: str, spec: dict) -> dict:
         s.update({f"sync.{k}": v for k, v in rec.get("sync", {}).items() if isinstance(v, (int, float))})
         split.append(s)
     return {"step_ends": step_ends, "split": split, "losses": [rec["loss"] for rec in records],
-            "checkpoint_final_off": "final" in CheckpointConfig.model_fields}
+            "checkpoint_final_off": "final" in CheckpointConfig.model_fields, "threads_pinned_to_1": one_thread}
 
 
 def _trl_worker(row: str, spec: dict) -> dict:
@@ -351,22 +359,22 @@ def table(model: str, results: list[dict], rows: list[str], warmup: int) -> str:
         per_row[row] = ok
     med = {row: statistics.median(s["s_per_step"] for s in v) for row, v in per_row.items() if v}
     bases = [b for b in ("trl-vllm", "trl-hf") if b in med]
-    head = ["row", "s/step median (min–max)", *[f"speed vs {b.upper()}" for b in bases],
+    head = ["row", "s/step median (min–max)", *[f"speed vs {BASE_LABELS[b]}" for b in bases],
             "time to first step s (min–max)", "split s/step: rollout / learner / sync (sync details)", "runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 3) + ["---", "---:"]) + "|"]
     for row in rows:
         runs = per_row[row]
         n_fail = sum(1 for r in results if r["row"] == row and not r["ok"])
         if not runs:
-            lines.append(f"| {ROWS[row]} | failed | " + " | ".join(["–"] * (len(head) - 3)) + f" | 0/{n_fail} |")
+            lines.append("| " + " | ".join([ROWS[row], "failed", *["–"] * (len(head) - 3), f"0/{n_fail}"]) + " |")
             continue
         s, lo, hi = _med([x["s_per_step"] for x in runs])
         t, tlo, thi = _med([x["ttfs_s"] for x in runs])
         split = {k: statistics.median(x["split"][k] for x in runs if k in x["split"])
                  for k in sorted({k for x in runs for k in x["split"]})}
-        ratios = [f"{med[b] / s:.2f}×" for b in bases]
-        lines.append(f"| {ROWS[row]} | {s:.3f} ({lo:.3f}–{hi:.3f}) | " + " | ".join(ratios) +
-                     f" | {t:.1f} ({tlo:.1f}–{thi:.1f}) | {_split_text(split)} | {len(runs)}/{len(runs) + n_fail} |")
+        cells = [ROWS[row], f"{s:.3f} ({lo:.3f}–{hi:.3f})", *[f"{med[b] / s:.2f}×" for b in bases],
+                 f"{t:.1f} ({tlo:.1f}–{thi:.1f})", _split_text(split), f"{len(runs)}/{len(runs) + n_fail}"]
+        lines.append("| " + " | ".join(cells) + " |")
     states = sorted({r["code"] for r in results if r["row"].startswith("sdft")})
     if len(states) > 1:
         lines.append(f"\nWARNING: the sdft code changed during this benchmark ({', '.join(states)}); rerun it.")
@@ -376,7 +384,7 @@ def table(model: str, results: list[dict], rows: list[str], warmup: int) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,smollm2", help=f"comma-separated, of {sorted(WORKLOADS)}")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {list(ROWS)}")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, of {list(ROWS)}")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of s/step (the last one too)")
