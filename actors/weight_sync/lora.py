@@ -22,7 +22,7 @@ from pathlib import Path
 import ray
 import torch
 
-from .object_store import _bucket_arrays, bucket_tensors
+from .object_store import bucket_arrays, bucket_tensors
 
 
 class Sender:
@@ -38,7 +38,7 @@ class Sender:
         model = self.learner.engine.module
         tensors = [(name, p.detach().to(device="cpu", dtype=self.dtype or p.dtype))
                    for name, p in adapter_params(model, STUDENT).items()]
-        return {"config": adapter_config(model, STUDENT), "tensors": _bucket_arrays(tensors)}
+        return {"config": adapter_config(model, STUDENT), "tensors": bucket_arrays(tensors)}
 
 
 class Receiver:

@@ -39,7 +39,7 @@ def _from_numpy(dtype: str, array) -> torch.Tensor:
     return t if t.dtype == want else t.view(want)
 
 
-def _bucket_arrays(bucket: list) -> list:
+def bucket_arrays(bucket: list) -> list:
     """[(name, dtype name, ndarray)]; tied names in one bucket share one array, which Ray stores once."""
     arrays: dict = {}
     out = []
@@ -71,7 +71,7 @@ class Sender:
     def export(self):
         """Rank 0, as a streaming call: each bucket, put into the object store as it is yielded."""
         for bucket in self._buckets():
-            yield _bucket_arrays(bucket)
+            yield bucket_arrays(bucket)
 
     def drain(self) -> None:
         """Ranks > 0 under ZeRO-3: join every bucket's gather."""
