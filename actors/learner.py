@@ -59,7 +59,7 @@ class Learner:
             if cfg.train.gradient_checkpointing:  # checkpointed blocks need an input that requires grad
                 model.enable_input_require_grads()
         self.teacher = None  # before DeepSpeed: ZeRO-3 partitions the model it is given
-        if cfg.train.mode == "sdft":
+        if cfg.train.distills:
             self.teacher = Teacher(cfg.teacher.kind, model, ema_alpha=cfg.teacher.ema_alpha, dtype=self.dtype,
                                    device="cuda" if on_gpu else "cpu")
 
@@ -71,6 +71,8 @@ class Learner:
             config=self._ds_config(per_rank), dist_init_required=False,
         )
         self.sender = None  # this rank's end of the weight sync (open_sync)
+        self.model_path = model_path
+        self._base = None  # kl_to_base's copy of the base model, loaded on first use when nothing else is the base
 
     # ---- setup helpers -------------------------------------------------------------------------------------
     def _scheduler(self, optimizer, total_steps: int):
@@ -130,7 +132,7 @@ class Learner:
         rollout_lp = torch.tensor([lp for s in micro for lp in s.logprobs], device=device)
         return sdft_loss(
             per_token, logp_train, ids, rollout_lp, layout, eos_id=self.eos_id,
-            skip_first_tokens=cfg.loss.skip_first_tokens, is_cap=cfg.loss.is_cap if cfg.loss.is_correction else None,
+            skip_first_tokens=cfg.loss.skip_first_tokens, is_cap=cfg.is_cap,
         )
 
     def step(self, samples: list[Sample]) -> StepMetrics:
@@ -190,6 +192,36 @@ class Learner:
             out.append(gen[0, len(p):].tolist())
         return out
 
+    # ---- distance to the base model (forgetting monitor, teacher gate) -------------------------------------------
+    @torch.no_grad()
+    def kl_to_base(self, sequences: list[tuple[list[int], list[int]]],
+                   base_contexts: list[list[int]] | None = None) -> float:
+        """Mean per-token KL(base || student) on the answers of (prompt_ids, answer_ids) pairs. With `base_contexts`
+        the base reads each answer behind its own context (the gate: the teacher context, before step 1)."""
+        from pipeline.monitor import token_kl_sum
+
+        total, count = token_kl_sum(self.engine.module.eval(), self._base_logits(), sequences, self.pad_id,
+                                    self.cfg.train.micro_batch_size, base_contexts)
+        return total / count if count else 0.0
+
+    def _base_logits(self):
+        """(contexts, answers) -> [N, V] logits of the base model, at no extra memory where one is at hand: the
+        teacher while it is the base (frozen, or any kind before the first optimizer step), the LoRA model with its
+        adapter off; else a copy loaded once from model.path, kept on the CPU."""
+        if self.teacher is not None and (self.teacher.kind == "frozen" or self.engine.global_steps == 0):
+            return lambda x, y: self.teacher.logits(x, y, self.pad_id)
+        if self.lora:
+            def adapter_off(x, y):
+                with self.engine.module.disable_adapter():
+                    return completion_logits(self.engine.module, x, y, self.pad_id)
+            return adapter_off
+        if self._base is None:
+            from transformers import AutoModelForCausalLM
+
+            self._base = AutoModelForCausalLM.from_pretrained(
+                self.model_path, dtype=self.dtype, trust_remote_code=self.cfg.model.trust_remote_code).eval()
+        return lambda x, y: completion_logits(self._base, x, y, self.pad_id)
+
     def node(self) -> dict:
         import ray
 
@@ -223,12 +255,55 @@ class Learner:
             (folder / "learner.json").write_text(json.dumps({"world_size": self.world_size}))
 
     def load(self, folder: str) -> None:
+        """Restore a checkpoint written by `save`. Nothing in it can run code: the DeepSpeed state is read with
+        torch.load(weights_only=True) (`_WeightsOnlyLoads`), the teacher and adapters are safetensors."""
         folder = Path(folder)
+        if not isinstance(self.engine.checkpoint_engine, _WeightsOnlyLoads):
+            self.engine.checkpoint_engine = _WeightsOnlyLoads(self.engine.checkpoint_engine)
         _, client = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state",
                                                 load_module_strict=not self.lora)  # LoRA: the adapter only
         torch.set_rng_state(client["torch_rng"])
         if self.teacher is not None:
             self.teacher.load(folder)
+
+
+def _deepspeed_safe_globals() -> list:
+    """The only classes DeepSpeed 0.19 pickles into its state besides tensors and builtins (ZeRO stages 0-3, fp32,
+    bf16 and fp16, LoRA), as listed by torch.serialization.get_unsafe_globals_in_checkpoint on each: plain data
+    holders, rebuilt without calling any of their code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class _WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine with its load replaced. DeepSpeed has no option for it: its TorchCheckpointEngine
+    calls torch.load(weights_only=False), which runs whatever a pickled object's __reduce__ names. Every file
+    `load_checkpoint` reads for this learner (model states, ZeRO optimizer partitions) goes through
+    `engine.checkpoint_engine.load`, so this one method is the whole change; saving and the rest are delegated."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        import pickle
+        import re
+
+        from pipeline.checkpoint import CheckpointError
+
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:  # torch's message is many lines of advice to load it unsafely
+            found = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"WeightsUnpickler error: ([^\n]+)", str(e))
+            what = found.group(1) if found else "not tensors or plain data"
+            raise CheckpointError(f"{path} holds objects a checkpoint may not ({what}): refused to load it, nothing "
+                                  "in it ran") from None
 
 
 @torch.no_grad()

@@ -9,8 +9,11 @@ whole model (`step_N/model/`); it is written out the same way.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
+from .checkpoint import OutputError, verify
 from .config import load_config
 from .models import ModelNotFound, resolve_model
 
@@ -24,6 +27,9 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
     if not config_file.exists() or not (model_dir / "config.json").exists():
         raise ModelNotFound(f"{checkpoint} is not a checkpoint written by `sdft train` (a step_* folder with "
                             "config.yaml and model/)")
+    verify(checkpoint)  # its manifest: nothing damaged or swapped since it was written
+    if out.exists() and any(out.iterdir()):
+        raise OutputError(f"{out} is not empty: give --merge a new folder")
     cfg = load_config(config_file)
     remote = cfg.model.trust_remote_code
     if (adapter / "adapter_config.json").exists():
@@ -37,7 +43,11 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
             model.to(stored)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=remote)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote).save_pretrained(out)
+    tmp = out.with_name(f".{out.name}.tmp")  # written aside, then renamed: never a half-written model folder
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote).save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    os.replace(tmp, out)
     return out
