@@ -9,8 +9,12 @@ groups — and the weight sync between them.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import ray
@@ -18,7 +22,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .learner import Learner
-from .net import free_port
+from .net import LOOPBACK, free_port, loopback_store
 from .rollout import RolloutEngine, engine_env
 from .weight_sync import WeightSync, resolve_backend
 
@@ -36,6 +40,79 @@ def _passthrough_env() -> dict[str, str]:
     return {k: os.environ[k] for k in CACHE_VARS if k in os.environ}
 
 
+_private_temp: str | None = None  # temp dir of the private Ray instance this process started, while it runs
+
+
+def _loopback_interface() -> str:
+    import psutil
+
+    return next((name for name, addrs in psutil.net_if_addrs().items()
+                 if any(a.address == LOOPBACK for a in addrs)), "lo")
+
+
+def private_env() -> dict[str, str]:
+    """Environment of every process of a private instance (Ray's processes pass it on to the actors):
+    * RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray swaps a loopback `_node_ip_address` for the host's address unless
+      clusters are off; with them off GCS, raylet, workers, agents and metrics endpoints all bind 127.0.0.1.
+    * GLOO_SOCKET_IFNAME: gloo groups (the CPU learner's, vLLM's on CPU) listen on loopback, not wherever the
+      host name resolves to."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": _loopback_interface()}
+
+
+@contextmanager
+def _environ(updates: dict[str, str]):
+    old = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def start_private_ray(num_cpus: int | None = None, **options) -> None:
+    """Start a Ray instance for this process alone: every server on 127.0.0.1, no dashboard, a temp dir of its
+    own that `stop_private_ray` (also run at exit) deletes. `options` go to ray.init."""
+    global _private_temp
+    from ray._private import ray_constants
+
+    # short: Ray's unix sockets live under it and their paths are limited to 107 bytes
+    root = tempfile.gettempdir() if len(tempfile.gettempdir()) <= 32 else "/tmp"
+    temp = tempfile.mkdtemp(prefix="sdft-ray-", dir=root)
+    clusters = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False  # what the env var says, for this already-imported Ray
+    try:
+        with _environ(private_env()):
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK,
+                     _temp_dir=temp, **options)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
+    _private_temp = temp
+    atexit.unregister(stop_private_ray)
+    atexit.register(stop_private_ray)  # after Ray's own hook, so it runs first
+
+
+def stop_private_ray() -> None:
+    """Shut down the private instance this process started (its processes stopped) and delete its temp dir."""
+    global _private_temp
+    if _private_temp is None:
+        return
+    ray.shutdown(wait_for_processes=True)
+    shutil.rmtree(_private_temp, ignore_errors=True)
+    _private_temp = None
+
+
+def is_private() -> bool:
+    """Whether Ray runs as the private instance this process started (everything on this machine)."""
+    return _private_temp is not None and ray.is_initialized()
+
+
 def init_ray(address: str | None, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
@@ -46,8 +123,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         # Ray warns on every start that it chose token auth by default; for a private instance that is expected.
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
             lambda r: not r.getMessage().startswith("Token authentication is enabled"))
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_level=logging.WARNING)
+        start_private_ray(num_cpus, logging_level=logging.WARNING)
 
 
 @ray.remote(num_cpus=0)
@@ -63,6 +139,7 @@ class Actors:
     sync: WeightSync | None = None
     placement_groups: list = field(default_factory=list)
     colocated: bool = False
+    store: object = None  # the learners' rendezvous store when this process serves it (a private instance)
 
     @property
     def learner(self):
@@ -74,6 +151,7 @@ class Actors:
             ray.kill(a, no_restart=True)
         for pg in self.placement_groups:
             remove_placement_group(pg)
+        self.store = None  # stops its server
 
 
 def _bundle(cpus: float, gpus: float, extra: dict[str, float]) -> dict[str, float]:
@@ -112,7 +190,7 @@ def _threads(cfg, gpu: bool, configured: int | None, role_cpus: float) -> int:
     on-policy mode on CPU the learner and the engines take turns, so each may use both roles' cores."""
     if configured:
         return configured
-    if not gpu and cfg.train.mode == "sdft" and not cfg.async_.max_staleness:
+    if not gpu and cfg.train.distills and not cfg.async_.max_staleness:
         return max(1, int(cfg.ray.learner_cpus + cfg.ray.rollout_cpus))
     return max(1, int(role_cpus))
 
@@ -135,7 +213,13 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, lo
     # TRITON_INTERPRET must be set before triton is imported; only a CPU learner needs it.
     learner_env = {**env, **({} if gpu else {"TRITON_INTERPRET": "1"}),
                    "OMP_NUM_THREADS": str(_threads(cfg, gpu, cfg.ray.learner_threads, cfg.ray.learner_cpus))}
-    addr, port = ray.get(_rendezvous.options(scheduling_strategy=learner_at[0]).remote())
+    store = None
+    if is_private():  # torch's own store server would listen on every interface: serve it here, on loopback
+        store, port = loopback_store()
+        addr = LOOPBACK
+        learner_env["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # every rank, rank 0 too, is a client of that store
+    else:
+        addr, port = ray.get(_rendezvous.options(scheduling_strategy=learner_at[0]).remote())
     m = cfg.ray.learner_ranks
     learners = [
         ray.remote(Learner).options(
@@ -156,7 +240,7 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, lo
             ).remote(model_path, cfg_dict, i, sleep_mode=gpu and colocated, log_dir=log_dir)
             for i in range(cfg.rollout.num_engines)
         ]
-    actors = Actors(learners, engines, placement_groups=pgs, colocated=colocated)
+    actors = Actors(learners, engines, placement_groups=pgs, colocated=colocated, store=store)
     try:
         ray.get([a.__ray_ready__.remote() for a in [*learners, *engines]])
         if engines:

@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from .checkpoint import OutputError
+from .checkpoint import CheckpointError, OutputError, verify
 from .config import DEFAULT_CONFIG, ConfigError, load_config
 from .data import DataError
 from .evaluation import EvalError
 from .models import ModelNotFound
 
-USER_ERRORS = (ConfigError, DataError, EvalError, ModelNotFound, OutputError)
+METHODS = ("sft", "dft", "sdft")  # train.mode values `sdft compare` runs
+USER_ERRORS = (ConfigError, DataError, EvalError, ModelNotFound, OutputError, CheckpointError)
 
 
 def _run_failures() -> tuple[type, ...]:
     from actors.launcher import PlacementError
 
-    from .driver import LearnerFailed, SyncMismatch, TrainingDiverged
+    from .driver import ForgettingLimit, LearnerFailed, SyncMismatch, TrainingDiverged
+    from .gate import TeacherGateFailed
     from .scheduler import EngineFailed
 
-    return (LearnerFailed, EngineFailed, PlacementError, SyncMismatch, TrainingDiverged)
+    return (LearnerFailed, EngineFailed, PlacementError, SyncMismatch, TrainingDiverged, ForgettingLimit,
+            TeacherGateFailed)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})")
     t.add_argument("--output", help="output folder for checkpoints and metrics.jsonl (overrides output_dir)")
     t.add_argument("--steps", type=int, help="number of optimizer steps (overrides train.steps)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    t.add_argument("--resume", nargs="?", const="latest", metavar="{latest,auto}",
+                   help="continue from the newest checkpoint in the output folder, refused if it does not match its "
+                        "manifest; --resume=auto: from the newest intact one")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config differs from the checkpoint's in keys that change what a "
+                        "step computes")
     t.add_argument("--overwrite", action="store_true",
                    help="start over in an output folder that holds a previous run (its metrics, checkpoints and "
                         "logs are deleted)")
@@ -54,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?", help="YAML config (default: the default of `sdft train`)")
     c.add_argument("--output", default="runs/compare", help="folder for the runs, results.json and compare.png")
     c.add_argument("--steps", type=int, help="optimizer steps per method (overrides train.steps)")
-    c.add_argument("--methods", default="sft,sdft", help="comma-separated: sft, sdft (default: sft,sdft)")
+    c.add_argument("--methods", default="sft,sdft",
+                   help="comma-separated, from sft, dft (the official code's DFT baseline), sdft (default: sft,sdft)")
     c.add_argument("--overwrite", action="store_true", help="replace the runs a previous compare left in --output")
     c.add_argument("--sequential", nargs="+", metavar="NAME=TRAIN,EVAL",
                    help="train the stages one after another (each from the previous weights); forgetting table")
@@ -82,16 +92,29 @@ def _train(args) -> dict:
     from .driver import train
 
     config, overrides = _split_config_arg(args.config, args.overrides)
+    resume, config, overrides = _resume_mode(args.resume, config, overrides)
     if args.output:
         overrides.append(f"output_dir={args.output}")
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     cfg = load_config(config, overrides)
-    if args.resume and args.overwrite:
+    if resume and args.overwrite:
         raise ConfigError("--resume continues the run in the output folder, --overwrite deletes it: choose one")
-    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    summary = train(cfg, resume=resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     print_summary(summary, cfg.output_dir)
     return summary
+
+
+def _resume_mode(value: str | None, config: str | None, overrides: list[str]):
+    """(None, "latest" or "auto"; config; overrides). In `--resume CONFIG` or `--resume key=value` argparse hands the
+    next word to --resume as its value: it goes back to the positionals, as before --resume took a value."""
+    if value in (None, "latest", "auto"):
+        return value, config, overrides
+    if value.endswith((".yaml", ".yml")) and config is None:
+        return "latest", value, overrides
+    if "=" in value:
+        return "latest", config, [value, *overrides]
+    raise ConfigError(f"--resume={value}: choose latest (the default) or auto")
 
 
 def _eval(args) -> dict:
@@ -106,12 +129,9 @@ def _eval(args) -> dict:
     from .evaluation import evaluate
 
     ckpt = Path(args.checkpoint)
-    config, overrides = _split_config_arg(args.config, args.overrides)
-    if config is None and (ckpt / "config.yaml").exists():
-        config = str(ckpt / "config.yaml")
-    model_dir = ckpt / "model" if (ckpt / "model" / "config.json").exists() else ckpt
-    # model/ of a LoRA run is base + adapter merged: a plain model, served without LoRA
-    cfg = load_config(config, [*overrides, f"model.path={model_dir}", "model.lora.r=null"])
+    if (ckpt / "trainer_state.json").exists():  # a checkpoint of `sdft train`: check it matches its manifest
+        verify(ckpt)
+    cfg, model_dir = _eval_config(ckpt, *_split_config_arg(args.config, args.overrides))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     _, eval_set = load_splits(cfg, tokenizer)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
@@ -124,6 +144,22 @@ def _eval(args) -> dict:
         ray.kill(engine)
     print(json.dumps({"checkpoint": str(ckpt), **result}, indent=1))
     return result
+
+
+def _eval_config(ckpt: Path, config: str | None, overrides: list[str]):
+    """(config, model folder) of `sdft eval`. A checkpoint's own config may not make eval run code: the model's
+    remote code and a metric that is a Python callable must come from the command line (or a config of yours)."""
+    own_config = config is None and (ckpt / "config.yaml").exists()
+    if own_config:
+        config = str(ckpt / "config.yaml")
+    model_dir = ckpt / "model" if (ckpt / "model" / "config.json").exists() else ckpt
+    guard = ["model.trust_remote_code=false"] if own_config else []
+    # model/ of a LoRA run is base + adapter merged: a plain model, served without LoRA
+    cfg = load_config(config, [*guard, *overrides, f"model.path={model_dir}", "model.lora.r=null"])
+    if own_config and ":" in cfg.eval.metric and not any(o.startswith("eval.metric=") for o in overrides):
+        raise CheckpointError(f"{config} sets eval.metric={cfg.eval.metric}, a Python callable, and a checkpoint's "
+                              f"config may not run code: pass eval.metric={cfg.eval.metric} to use it")
+    return cfg, model_dir
 
 
 def _eval_log_dir(ckpt: Path) -> Path:
@@ -142,9 +178,9 @@ def _compare(args) -> dict:
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("sft", "sdft")]
+    bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise ConfigError(f"--methods {args.methods!r}: choose from sft, sdft")
+        raise ConfigError(f"--methods {args.methods!r}: choose from {', '.join(METHODS)}")
     if args.sequential:
         try:
             stages = parse_stages(args.sequential)
@@ -169,7 +205,56 @@ def _config(args) -> None:
     print(render())
 
 
+def _last_step(metrics: Path) -> int:
+    for line in reversed(metrics.read_text().splitlines() if metrics.exists() else []):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):  # a line cut short by the interrupt
+            continue
+    return 0
+
+
+def _stopped(args, argv: list[str]) -> str:
+    """Where Ctrl-C left a run (the last step logged, the last complete checkpoint) and how to go on."""
+    import shlex
+
+    from . import console
+    from .checkpoint import latest
+
+    if args.command != "train" or console.current_log is None:
+        return "sdft: stopped" + (" before training started" if args.command == "train" else "")
+    out = console.current_log.parent.parent  # OUTPUT/logs/driver.log
+    step = _last_step(out / "metrics.jsonl")
+    again = shlex.join(["sdft", *(a for a in argv if a not in ("--resume", "--overwrite"))])
+    ckpt = latest(out)
+    if ckpt is None:
+        return f"sdft: stopped at step {step}, before any checkpoint was saved; start over with `{again} --overwrite`"
+    return f"sdft: stopped at step {step}; continue with `{again} --resume` (from {ckpt.name})"
+
+
+def _save_traceback(e: BaseException) -> Path:
+    """The full traceback, appended to the run's driver.log (a temp file when no run got that far)."""
+    import tempfile
+    import time
+    import traceback
+
+    from . import console
+
+    log = console.current_log
+    if log is None or not log.parent.is_dir():
+        fd, name = tempfile.mkstemp(prefix="sdft-error-", suffix=".log")
+        os.close(fd)
+        log = Path(name)
+    with log.open("a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} sdft: unexpected error\n{''.join(traceback.format_exception(e))}")
+    return log
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import console
+    from .models import first_line
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     # key=value overrides may come after --flags too (argparse alone stops collecting positionals there)
     args, extra = parser.parse_known_args(argv)
@@ -178,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
+    console.current_log = None
     try:
         {"train": _train, "eval": _eval, "compare": _compare, "export": _export, "config": _config}[args.command](args)
     except USER_ERRORS as e:
@@ -185,6 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except _run_failures() as e:
         print(f"sdft: run failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(_stopped(args, argv), file=sys.stderr)
+        return 130
+    except Exception as e:  # nobody foresaw it: the traceback goes to a file, the console gets one line
+        cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e  # a Ray task's own exception
+        print(f"sdft: unexpected error: {type(cause).__name__}: {first_line(cause)}; full traceback in "
+              f"{_save_traceback(e)}", file=sys.stderr)
         return 1
     return 0
 

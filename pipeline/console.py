@@ -7,11 +7,16 @@ import logging
 from pathlib import Path
 
 
+current_log: Path | None = None  # driver.log of the run in progress in this process (where the CLI puts tracebacks)
+
+
 def log_to_file(log_dir: Path) -> logging.Handler:
     """Send the driver's Python logging (Ray, wandb, transformers, ...) at INFO to log_dir/driver.log; the
     console keeps what each library itself shows at WARNING and above. Returns the handler to remove later."""
+    global current_log
     log_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_dir / "driver.log")
+    current_log = log_dir / "driver.log"
+    handler = logging.FileHandler(current_log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
@@ -26,9 +31,12 @@ def print_header(cfg, model_path: str, n_train: int, n_eval: int, steps: int, st
     from rich.console import Console
 
     r = cfg.ray
-    engines = f" × {cfg.rollout.num_engines} vLLM" if cfg.train.mode == "sdft" else ""
+    engines = f" × {cfg.rollout.num_engines} vLLM" if cfg.train.distills else ""
     timing = (f"async, staleness ≤ {cfg.async_.max_staleness}" if cfg.async_.max_staleness
-              else "strict on-policy") if cfg.train.mode == "sdft" else "no rollouts"
+              else "strict on-policy") if cfg.train.distills else "no rollouts"
+    if cfg.train.distills and cfg.rollout.context == "teacher":
+        timing = (timing + ", on the teacher context") if cfg.engines_follow_student else \
+            "the frozen teacher samples on its context"
     rows = [
         ("model", cfg.model.path + ("" if cfg.model.path == model_path else f"  ({model_path})")),
         ("data", f"{cfg.data.train}: {n_train} train, {n_eval} eval"),

@@ -42,24 +42,20 @@ def _resolve(path: str) -> Path:
 
 def _read_rows(source: str, split: str) -> list[tuple[dict, str]]:
     if source.startswith("hf:"):
-        import datasets
-
-        name = source.removeprefix("hf:")
-        ds = datasets.load_dataset(name, split=split)
-        return [(dict(r), f"{name}[{i}]") for i, r in enumerate(ds)]
+        return _hub_rows(source, split)
     path = _resolve(source)
     if not path.exists():
         raise DataError(f"data file {source} does not exist (looked in the working directory and {PROJECT_ROOT})")
     if path.is_dir():
-        import datasets
-
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split]
-        return [(dict(r), f"{path}[{i}]") for i, r in enumerate(ds)]
+        return _folder_rows(path, split)
     rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM may start the file
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -72,6 +68,38 @@ def _read_rows(source: str, split: str) -> list[tuple[dict, str]]:
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def _hub_rows(source: str, split: str) -> list[tuple[dict, str]]:
+    import datasets
+
+    from .models import first_line, hub_offline
+
+    name = source.removeprefix("hf:")
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline without a cached copy, no network, an unknown name or split
+        fix = ("HF_HUB_OFFLINE is set and it is not in the local cache: load it once with network access, or use a "
+               "local JSONL file" if hub_offline() else
+               "check the name, data.split and the network, or use a local JSONL file")
+        raise DataError(f"data {source!r}: cannot load it from the Hugging Face Hub ({first_line(e)}); {fix}") from None
+    return [(dict(r), f"{name}[{i}]") for i, r in enumerate(ds)]
+
+
+def _folder_rows(path: Path, split: str) -> list[tuple[dict, str]]:
+    """A folder written by `datasets`' save_to_disk (a Dataset, or a DatasetDict with `split`)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(f"data folder {path} is not a dataset saved with datasets' save_to_disk; give that, a JSONL "
+                        "file or hf:<hub name>") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"data folder {path} has splits {sorted(ds)}, not data.split={split!r}")
+        ds = ds[split]
+    return [(dict(r), f"{path}[{i}]") for i, r in enumerate(ds)]
 
 
 def _check_prompt(prompt, where: str, key: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import re
 from typing import Callable
@@ -9,10 +10,14 @@ from typing import Callable
 from actors.rollout import generate_sharded
 
 from .data import Example
+from .models import first_line
 
 
 class EvalError(ValueError):
     pass
+
+
+BUILTIN_METRICS = ("exact_match", "contains", "regex")
 
 
 def make_scorer(metric: str, pattern: str | None = None) -> Callable[[str, Example], float]:
@@ -24,7 +29,10 @@ def make_scorer(metric: str, pattern: str | None = None) -> Callable[[str, Examp
     if metric == "regex":
         if not pattern:
             raise EvalError("eval.metric=regex needs eval.regex (a pattern; group 1 is compared to the answer)")
-        rx = re.compile(pattern)
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise EvalError(f"eval.regex={pattern!r} is not a valid regular expression ({e})") from None
 
         def score(text, ex):
             m = rx.search(text)
@@ -34,13 +42,24 @@ def make_scorer(metric: str, pattern: str | None = None) -> Callable[[str, Examp
     if ":" in metric:
         mod, _, name = metric.partition(":")
         try:
-            return getattr(importlib.import_module(mod), name)
-        except (ImportError, AttributeError) as e:
-            raise EvalError(f"eval.metric={metric!r}: cannot import {name} from {mod} ({e})") from None
-    raise EvalError(f"eval.metric={metric!r}: use exact_match, contains, regex or 'package.module:function'")
+            fn = getattr(importlib.import_module(mod), name)
+        except Exception as e:  # not importable, no such name, or the module fails while importing
+            raise EvalError(f"eval.metric={metric!r}: cannot import {name} from {mod} ({type(e).__name__}: "
+                            f"{first_line(e)}); give an importable 'package.module:function'") from None
+        if not callable(fn):
+            raise EvalError(f"eval.metric={metric!r}: {mod}.{name} is not a function")
+        return fn
+    close = difflib.get_close_matches(metric, BUILTIN_METRICS, n=1)
+    raise EvalError(f"eval.metric={metric!r} is not a metric" + (f" (did you mean {close[0]}?)" if close else "")
+                    + "; use exact_match, contains, regex or 'package.module:function'")
 
 
-def _score(engines, groups: dict[str, tuple[list[list[int]], list[Example]]], tokenizer, cfg) -> dict[str, dict]:
+def check_metric(cfg) -> None:
+    """eval.metric (and eval.regex) resolve to a scorer: a typo stops the run before Ray starts, not at the first eval."""
+    make_scorer(cfg.eval.metric, cfg.eval.regex)
+
+
+def score_groups(engines, groups: dict[str, tuple[list[list[int]], list[Example]]], tokenizer, cfg) -> dict[str, dict]:
     """One batched greedy generation over every group of (prompt ids, examples); per group the accuracy
     (eval.metric), exact match, count and mean completion length."""
     scorer = make_scorer(cfg.eval.metric, cfg.eval.regex)
@@ -63,7 +82,7 @@ def _score(engines, groups: dict[str, tuple[list[list[int]], list[Example]]], to
 def evaluate(engines: list, examples: list[Example], tokenizer, cfg) -> dict:
     if not examples:
         return {}
-    return _score(engines, {"eval": ([ex.student_ids for ex in examples], examples)}, tokenizer, cfg)["eval"]
+    return score_groups(engines, {"eval": ([ex.student_ids for ex in examples], examples)}, tokenizer, cfg)["eval"]
 
 
 def load_eval_sets(cfg, tokenizer) -> dict[str, list[Example]]:
@@ -91,7 +110,7 @@ def evaluate_all(engines: list, examples: list[Example], sets: dict[str, list[Ex
             groups["teacher"] = ([ex.teacher_ids for ex in examples], examples)
     if not groups:
         return {}
-    scored = _score(engines, groups, tokenizer, cfg)
+    scored = score_groups(engines, groups, tokenizer, cfg)
     res = scored.pop("eval", {})
     if "teacher" in scored:
         teacher = scored.pop("teacher")

@@ -53,15 +53,61 @@ def resolve_model(spec: str, seed: int = 0) -> str:
         return str(package_model(spec.removeprefix("package:")))
     path = Path(spec).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise ModelNotFound(f"model.path {spec!r}: folder has no config.json (expected a Hugging Face model folder)")
+        check_model_folder(path, spec)
         return str(path.resolve())
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelNotFound(
             f"model.path {spec!r} does not exist. Give a Hugging Face model folder, a hub id like "
             "'Qwen/Qwen2.5-7B-Instruct', or 'tiny:llama' for a small local test model."
         )
-    return spec  # hub id
+    _check_hub_model(spec)
+    return spec  # hub id: each actor loads it from the hub (or the cache) itself
+
+
+WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "tokenizer_config.json")
+
+
+def check_model_folder(path: Path, spec: str) -> None:
+    """A local model folder has what the learner and vLLM load (config, weights, tokenizer), said in one line
+    before any actor starts."""
+    if not path.is_dir():
+        raise ModelNotFound(f"model.path {spec!r} is a file; give a Hugging Face model folder")
+    missing = [what for what, found in (
+        ("config.json", (path / "config.json").exists()),
+        ("weights (*.safetensors or *.bin)", any(next(path.glob(g), None) for g in WEIGHTS)),
+        ("tokenizer (tokenizer.json, tokenizer.model, vocab.json, ...)", any((path / f).exists() for f in TOKENIZER_FILES)),
+    ) if not found]
+    if missing:
+        raise ModelNotFound(f"model.path {spec!r}: {path} has no {' and no '.join(missing)}; give a Hugging Face "
+                            "model folder (save_pretrained of the model and its tokenizer)")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as the hub client sees it."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _check_hub_model(spec: str) -> None:
+    """A hub id must be reachable or cached now (found out here, not in every actor after Ray started)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(spec, "config.json")
+    except Exception as e:  # offline without a cached copy, no network, unknown or gated repo
+        fix = ("HF_HUB_OFFLINE is set and it is not in the local cache: download it once with network access, or "
+               "give a local model folder" if hub_offline() else
+               "check the id, the network and (for a gated model) HF_TOKEN, or give a local model folder")
+        raise ModelNotFound(f"model.path {spec!r}: cannot fetch it from the Hugging Face Hub "
+                            f"({type(e).__name__}: {first_line(e)}); {fix}") from None
 
 
 def _tokenizer_corpus() -> list[str]:

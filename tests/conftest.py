@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,12 +27,12 @@ def tiny_model() -> str:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A private Ray instance on 127.0.0.1 with its own temp dir; shut down (its processes stopped) at the end."""
+    """A private Ray instance as `sdft train` starts one (every server on 127.0.0.1, a temp dir of its own); shut
+    down (its processes stopped, its temp dir deleted) at the end."""
     import ray
 
-    temp = tempfile.mkdtemp(prefix="sdft-ray-", dir="/tmp")  # short: Ray's unix sockets limit path length
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
-             log_to_driver=False)
+    from actors.launcher import start_private_ray, stop_private_ray
+
+    start_private_ray(num_cpus=2, log_to_driver=False)
     yield ray
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+    stop_private_ray()

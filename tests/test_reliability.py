@@ -2,6 +2,15 @@
 diverged run stops with one message instead of saving NaN weights."""
 
 import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +19,8 @@ from pipeline.checkpoint import OutputError, prepare_output
 from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, load_config
 
-SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = str(ROOT / "configs" / "default.yaml")
 
 
 def _previous_run(folder: Path, complete: bool = True) -> None:
@@ -88,3 +98,138 @@ def test_divergence_stops_without_saving_nan_weights(tmp_path, ray_session):
         assert f"step_{steps[-1]:06d}" in str(e.value)
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["step"] < bad_step for r in records)  # the NaN step is not logged as a normal step
+
+
+# One line per fault, found before Ray starts where it can be: `sdft: error: ...` (exit 2), `sdft: stopped ...`
+# (exit 130), `sdft: unexpected error: ...` (exit 1).
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture
+def no_actors(monkeypatch):
+    import pipeline.driver
+
+    def launch(*args, **kwargs):
+        raise AssertionError("actors were launched")
+
+    monkeypatch.setattr(pipeline.driver, "launch", launch)
+
+
+@pytest.mark.parametrize("content, expect", [
+    (None, "is a folder"), ("", "does not exist"), ("train: [unclosed\n", r":2:1: not valid YAML \(expected ',' or '\]'"),
+    ("- a list\n", "must be a mapping"), (b"train:\n  lr: \xff\n", "not a text file"),
+])
+def test_bad_config_file_is_one_line(tmp_path, capsys, content, expect):
+    path = tmp_path / "cfg.yaml"
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content:
+        path.write_text(content)
+    assert cli_main(["train", str(path), "--output", str(tmp_path / "run")]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("sdft: error: ") and str(path) in line
+    assert re.search(expect, line), line
+
+
+def test_data_errors_name_the_file_and_line(tmp_path, capsys, no_actors):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "demonstration": "b"}\n\n{"prompt": "caf\xe9", "demonstration": "d"}\n')
+    assert cli_main(["train", SMOKE, "--output", str(tmp_path / "r1"), f"data.train={bad}"]) == 2
+    assert f"{bad}:3: not UTF-8 text (byte 0xe9 at column 16)" in _one_line(capsys)
+    folder = tmp_path / "not-a-dataset"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x")
+    assert cli_main(["train", SMOKE, "--output", str(tmp_path / "r2"), f"data.train={folder}"]) == 2
+    line = _one_line(capsys)
+    assert f"data folder {folder} is not a dataset" in line and "JSONL" in line
+
+
+@pytest.mark.parametrize("drop, missing", [
+    (["model.safetensors"], "weights"), (["config.json"], "config.json"),
+    (["tokenizer.json", "tokenizer_config.json"], "tokenizer"),
+])
+def test_incomplete_model_folder_is_one_line(tmp_path, capsys, tiny_model, no_actors, drop, missing):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    for name in drop:
+        (folder / name).unlink()
+    assert cli_main(["train", SMOKE, "--output", str(tmp_path / "run"), f"model.path={folder}"]) == 2
+    line = _one_line(capsys)
+    assert f"{folder} has no {missing}" in line and line.count(" has no ") == 1, line
+
+
+@pytest.mark.parametrize("override", ["model.path=sdft-test/no-such-model", "data.train=hf:sdft-test/no-such-data"])
+def test_hub_source_while_offline_is_one_line(tmp_path, override):
+    """A fresh process: the hub clients read HF_HUB_OFFLINE when imported."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", SMOKE, "--output", str(tmp_path / "run"),
+                        override], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert "sdft-test/no-such-" in err[0] and "HF_HUB_OFFLINE is set" in err[0] and "Hugging Face Hub" in err[0]
+    assert not (tmp_path / "run" / "logs").exists()  # stopped before the run's logs (and Ray) start
+
+
+@pytest.mark.parametrize("metric, expect", [
+    ("exact_mach", r"eval.metric='exact_mach' is not a metric \(did you mean exact_match\?\)"),
+    ("no_such_pkg.scores:f1", r"cannot import f1 from no_such_pkg.scores \(ModuleNotFoundError"),
+])
+def test_eval_metric_typo_is_found_before_ray(tmp_path, capsys, no_actors, metric, expect):
+    assert cli_main(["train", SMOKE, "--output", str(tmp_path / "run"), f"eval.metric={metric}"]) == 2
+    assert re.search(expect, _one_line(capsys))
+
+
+def test_unexpected_error_is_one_line_with_the_traceback_in_driver_log(tmp_path, capsys, monkeypatch):
+    import pipeline.driver
+
+    def launch(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(pipeline.driver, "launch", launch)
+    assert cli_main(["train", SMOKE, "--output", str(tmp_path / "run")]) == 1
+    log = tmp_path / "run" / "logs" / "driver.log"
+    assert _one_line(capsys) == f"sdft: unexpected error: RuntimeError: boom; full traceback in {log.resolve()}"
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "second line" in text and "in launch" in text
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_one_line_and_a_resume_command(tmp_path):
+    tmp = Path(tempfile.mkdtemp(prefix="sdft-t-", dir="/tmp"))  # the run's TMPDIR (short, for Ray's sockets)
+    out = tmp_path / "run"
+    args = ["train", SMOKE, "--output", str(out), "--steps", "40", "train.batch_size=4", "train.micro_batch_size=2",
+            "rollout.max_new_tokens=8", "eval.max_new_tokens=4", "data.eval_size=2", "ray.num_cpus=2",
+            "checkpoint.every=1", "logging.wandb=false"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TMPDIR": str(tmp)}
+    err_file = tmp_path / "stderr.txt"
+    with err_file.open("w") as err, (tmp_path / "stdout.txt").open("w") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, stdout=stdout,
+                                stderr=err)
+    try:
+        deadline = time.monotonic() + 600
+        while not list(out.glob("step_*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)  # a published checkpoint: step 1 is logged to metrics.jsonl and saved
+        assert proc.poll() is None, err_file.read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        left = list(tmp.glob("sdft-ray-*"))
+        shutil.rmtree(tmp, ignore_errors=True)
+    stderr = err_file.read_text()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    m = re.fullmatch(r"sdft: stopped at step (\d+); continue with `sdft (.*) --resume` \(from (step_\d+)\)", last)
+    assert m, last
+    assert int(m[1]) >= 1 and m[2] == shlex.join(args) and (out / m[3] / "trainer_state.json").exists()
+    assert int(m[3].removeprefix("step_")) <= int(m[1])
+    assert left == []  # the private instance's temp dir is gone after an interrupt too
