@@ -41,6 +41,16 @@ def read_history(run_dir: Path, cfg: Config | None = None) -> list[dict]:
     return rows
 
 
+def read_monitor(run_dir: Path) -> list[dict]:
+    """The forgetting monitor's records (monitor:): step, kl_to_base, general_accuracy."""
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("monitor"):
+            rows.append({"step": rec["step"], **{k: rec["monitor"][k] for k in ("kl_to_base", "general_accuracy")}})
+    return rows
+
+
 def _method_cfg(config: str | None, overrides: list[str], out: Path, method: str) -> Config:
     return load_config(config, [*overrides, f"output_dir={out / method}", f"train.mode={method}"])
 
@@ -63,6 +73,7 @@ def run_compare(config: str | None, overrides: list[str], output: Path, methods:
         results[method] = {**_row(after, cfg), "steps": summary["steps"],
                            "teacher_after": after.get("teacher_accuracy")}
         results["history"][method] = read_history(Path(cfg.output_dir), cfg)
+        results.setdefault("monitor", {})[method] = read_monitor(Path(cfg.output_dir))
         if summary.get("checkpoint"):
             results[method]["kl_to_base"] = kl_to_base(cfg, Path(summary["checkpoint"]) / "model")
         results["base"].pop("teacher_acc", None)
@@ -81,7 +92,7 @@ def print_table(results: dict, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"base vs SFT vs SDFT — {title}")
+    t = Table(title=f"base vs {' vs '.join(m.upper() for m in results['methods'])} — {title}")
     ev = results.get("config", {}).get("eval", {})
     extra = [n for n in ev.get("sets", {}) if n not in ev.get("prior", [])]  # e.g. paraphrased questions
     for col in ("method", "new skill", "new, exact", *extra, "prior skills", "prior (eval.metric)",
@@ -114,8 +125,9 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"sdft": "tab:blue", "sft": "tab:red"}
+    monitor = {m: rows for m, rows in results.get("monitor", {}).items() if rows}
+    fig, (a, b, *c) = plt.subplots(1, 3 if monitor else 2, figsize=(16.5 if monitor else 11, 4.2))
+    colors = {"sdft": "tab:blue", "sft": "tab:red", "dft": "tab:green"}
     for m in results["methods"]:
         h = results["history"][m]
         xs = [r.get("new_acc", 0) for r in h]
@@ -138,6 +150,15 @@ def plot(results: dict, path: Path) -> None:
     b.grid(alpha=0.3)
     b.legend(fontsize=7)
     b.set_title("accuracy over training")
+    if monitor:  # the live forgetting monitor: KL(base || student) on the general prompts
+        for m, rows in monitor.items():
+            c[0].plot([r["step"] for r in rows], [r["kl_to_base"] for r in rows], "o-", color=colors.get(m),
+                      label=m.upper(), ms=3)
+        c[0].set_xlabel("step")
+        c[0].set_ylabel("KL(base || model) per token, nats")
+        c[0].grid(alpha=0.3)
+        c[0].legend(fontsize=8)
+        c[0].set_title("KL to base on general prompts (monitor)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -146,35 +167,35 @@ def plot(results: dict, path: Path) -> None:
 def kl_to_base(cfg: Config, model_dir: Path, max_prompts: int = 300) -> float | None:
     """Mean per-token KL(base || trained) on the prior-skill prompts (eval.prior sets), over the base model's
     own greedy answers — how far training moved the model where it was already competent (the paper's
-    "KL to base"). In-process Hugging Face forwards; meant for small models."""
+    "KL to base"). In-process Hugging Face forwards; meant for small models. The KL is the forgetting monitor's
+    (`pipeline.monitor.token_kl_sum`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kernels.reference import forward_kl
+    from actors.forward import completion_logits
 
     from .evaluation import load_eval_sets
     from .models import resolve_model
+    from .monitor import token_kl_sum
 
     if not cfg.eval.prior:
         return None
     base_dir = resolve_model(cfg.model.path, cfg.train.seed)
     tok = AutoTokenizer.from_pretrained(base_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     sets = load_eval_sets(cfg, tok)
     prompts = [ex.student_ids for n in cfg.eval.prior for ex in sets[n]][:max_prompts]
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    total, count = 0.0, 0
+    answers = []
     with torch.no_grad():
         for p in prompts:
-            x = torch.tensor([p])
-            seq = base.generate(x, max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id,
-                                pad_token_id=tok.pad_token_id)
-            n = seq.shape[1] - len(p)
-            zb = base(seq).logits[0, len(p) - 1:-1]
-            zm = model(seq).logits[0, len(p) - 1:-1]
-            total += forward_kl(zm, zb).sum().item()  # KL(base || model): the base in the teacher's place
-            count += n
+            seq = base.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
+                                eos_token_id=tok.eos_token_id, pad_token_id=pad)
+            answers.append(seq[0, len(p):].tolist())
+    total, count = token_kl_sum(model, lambda x, y: completion_logits(base, x, y, pad), list(zip(prompts, answers)),
+                                pad, chunk=16)
     return total / max(count, 1)
 
 

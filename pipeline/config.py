@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The official SDFT code's teacher template, byte for byte: {x} is the prompt, {c} the demonstration.
 TEACHER_TEMPLATE = (
@@ -133,6 +133,12 @@ class RolloutConfig(_Section):
         0.5, gt=0.0, le=1.0, description="share of GPU memory a vLLM engine may take (GPU only)"
     )
     cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache of a CPU vLLM engine in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    context: Literal["student", "teacher"] = Field(
+        "student",
+        description="the prompt rollouts are sampled on: the student context (SDFT, on-policy) or the teacher "
+        "context, demonstration included (the official code's generate_from_teacher; no IS weight then). With a "
+        "frozen teacher the engines keep the initial weights, so the teacher itself samples (train.mode=dft)",
+    )
 
 
 class TeacherConfig(_Section):
@@ -168,7 +174,12 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
-    mode: Literal["sdft", "sft"] = Field("sdft", description="sdft, or the sft baseline (NLL on the demonstrations)")
+    mode: Literal["sdft", "sft", "dft"] = Field(
+        "sdft",
+        description="sdft; the sft baseline (NLL on the demonstrations); or the dft baseline (the official code's "
+        "\"DFT\": sets teacher.kind=frozen and rollout.context=teacher, whatever the config says for them: the same "
+        "loss on completions the frozen teacher samples with the demonstration in context)",
+    )
     steps: int | None = Field(None, gt=0, description="optimizer steps; None: derived from epochs")
     epochs: float = Field(1.0, gt=0.0, description="passes over train when `steps` is not set")
     batch_size: int = Field(32, gt=0, description="prompts per optimizer step (effective batch)")
@@ -181,6 +192,11 @@ class TrainConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage of the learner")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward of the student")
     seed: int = Field(0, description="seed of data order, sampling (engine i uses seed + i) and tiny models")
+
+    @property
+    def distills(self) -> bool:
+        """sdft and dft sample completions and score them under the teacher; sft trains on the demonstrations."""
+        return self.mode != "sft"
 
     @model_validator(mode="after")
     def _micro_divides(self):
@@ -227,6 +243,52 @@ class EvalConfig(_Section):
         if missing:
             raise ValueError(f"eval.prior names {missing} that are not in eval.sets ({sorted(self.sets)})")
         return self
+
+
+class MonitorConfig(_Section):
+    enabled: bool = Field(
+        False, description="measure forgetting live: every `every` steps the mean per-token KL(base || student) on "
+        "the base model's own greedy answers to general prompts (monitor/kl_to_base, on learner rank 0) and the "
+        "student's greedy accuracy on them (monitor/general_accuracy, eval.metric)",
+    )
+    data: list[str] = Field(
+        default_factory=list,
+        description="the general prompts: a data source or a list of them (same forms as eval.sets values; a row's "
+        "answer, else its demonstration, is the reference of the accuracy); several sources are interleaved row by "
+        "row before `size`",
+    )
+    size: int = Field(64, ge=1, description="cap on monitor prompts")
+    every: int = Field(25, gt=0, description="steps between measurements (also at step 0 and after the last step)")
+    max_kl: float | None = Field(
+        None, gt=0.0, description="stop the run (after saving a checkpoint) when monitor/kl_to_base exceeds it; "
+        "None: never",
+    )
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _has_data(self):
+        if self.enabled and not self.data:
+            raise ValueError("monitor.enabled needs monitor.data: general prompts the base model already handles, "
+                             "e.g. the eval.prior sets")
+        return self
+
+
+class GateConfig(_Section):
+    enabled: bool = Field(
+        True, description="before step 1 (not with train.mode=sft, not on resume), check on `size` training rows "
+        "that the base model answers better with the demonstration in context (teacher) than without (student), "
+        "greedy, scored with eval.metric; logged as gate/teacher_accuracy, gate/student_accuracy, "
+        "gate/teacher_student_kl",
+    )
+    size: int = Field(32, ge=1, description="training rows the gate scores (a seeded sample)")
+    min_margin: float = Field(
+        0.0, ge=0.0, lt=1.0, description="the teacher's accuracy must exceed the student's by more than this"
+    )
+    enforce: bool = Field(True, description="stop the run when the gate fails; false: report it and train anyway")
 
 
 class CheckpointConfig(_Section):
@@ -307,6 +369,10 @@ class Config(_Section):
     loss: LossConfig = Field(LossConfig(), description="the per-token SDFT loss")
     train: TrainConfig = Field(TrainConfig(), description="optimizer, batch and the DeepSpeed learner")
     eval: EvalConfig = Field(EvalConfig(), description="greedy evaluation without demonstrations")
+    monitor: MonitorConfig = Field(
+        MonitorConfig(), description="live forgetting monitor: KL to the base model on general prompts"
+    )
+    gate: GateConfig = Field(GateConfig(), description="before step 1: does the demonstration help the model")
     checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="checkpoints under the output folder")
     logging: LoggingConfig = Field(LoggingConfig(), description="wandb and the console")
     ray: RayConfig = Field(RayConfig(), description="the Ray cluster and actor placement")
@@ -317,7 +383,32 @@ class Config(_Section):
 
     @property
     def sequences_per_step(self) -> int:
-        return self.train.batch_size * (self.rollout.samples_per_prompt if self.train.mode == "sdft" else 1)
+        return self.train.batch_size * (self.rollout.samples_per_prompt if self.train.distills else 1)
+
+    @property
+    def engines_follow_student(self) -> bool:
+        """False when the frozen teacher samples on its own context (dft): the engines keep the initial weights
+        and get the student's only for eval (as the official code, which never syncs vLLM in that mode)."""
+        return not (self.rollout.context == "teacher" and self.teacher.kind == "frozen")
+
+    @property
+    def is_cap(self) -> float | None:
+        """Truncation of the IS weight; None: no weight. Off for teacher-context rollouts (as the official code):
+        the sampler there is not the student on its own context, so the ratio would measure the context gap."""
+        return self.loss.is_cap if self.loss.is_correction and self.rollout.context == "student" else None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dft_preset(cls, data):
+        """train.mode=dft means teacher.kind=frozen and rollout.context=teacher, whatever the config says for them
+        (`sdft compare` runs every method from one config)."""
+        if not isinstance(data, dict) or (data.get("train") or {}).get("mode") != "dft":
+            return data
+        data = {**data}
+        for section, key, value in (("teacher", "kind", "frozen"), ("rollout", "context", "teacher")):
+            given = data.get(section) or {}
+            data[section] = {**(given.model_dump() if isinstance(given, BaseModel) else given), key: value}
+        return data
 
     @model_validator(mode="after")
     def _compatible(self):
@@ -372,17 +463,33 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _read_yaml(path: Path) -> dict:
+    """The config file's top-level mapping; anything else is one line naming the file and what to fix."""
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; give the path of a YAML file")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give the path of a YAML file (e.g. {path}/config.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); give a YAML config") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{where}: not valid YAML ({what})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (model:, data:, train:, ...), "
+                          f"got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read YAML (default: DEFAULT_CONFIG, configs/toy.yaml), apply `a.b=value` overrides, validate."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = _read_yaml(path)
     for item in overrides:
         keys, value = _parse_override(item)
         node = raw

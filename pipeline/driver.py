@@ -19,12 +19,13 @@ from ray.exceptions import RayActorError
 from actors.launcher import Actors, launch
 from actors.messages import Sample, StepMetrics
 
-from . import checkpoint
+from . import checkpoint, gate
 from .config import Config
 from .console import log_to_file, print_header
 from .data import Example, batch_indices, load_splits
-from .evaluation import evaluate_all, load_eval_sets
+from .evaluation import check_metric, evaluate_all, load_eval_sets
 from .models import resolve_model
+from .monitor import ForgettingMonitor
 from .scheduler import RolloutScheduler
 from .tracking import MetricsLogger
 
@@ -58,6 +59,10 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+class ForgettingLimit(RuntimeError):
+    pass
+
+
 def idle_ratios(record: dict, num_engines: int) -> dict:
     """Share of the step's wall time each side spent waiting: the learner outside its step, the engines
     outside generation (engine-side seconds, so overlapped generation counts as busy)."""
@@ -74,6 +79,16 @@ def _finish_if_saved(saving: checkpoint.Pending, keep_last: int) -> str | None:
         return None
 
 
+def _save_now(saving: checkpoint.Pending | None, actors: Actors, out: Path, step: int, cfg: Config,
+              extra: dict) -> str:
+    """Publish a checkpoint of `step` before the run stops (the one being written, if it is that step's)."""
+    if saving is None or saving.final.name != f"{checkpoint.PREFIX}{step:06d}":
+        if saving is not None:
+            checkpoint.finish(saving, cfg.checkpoint.keep_last)
+        saving = checkpoint.start(actors.learners, out, step, cfg, extra)
+    return str(checkpoint.finish(saving, cfg.checkpoint.keep_last))
+
+
 def check_sync(actors: Actors, examples: list[Example], n: int = 2, max_new_tokens: int = 16) -> float:
     """vLLM greedy == learner (HF) greedy on a few prompts; raises if any engine disagrees."""
     prompts = [ex.student_ids for ex in examples[:n]]
@@ -85,11 +100,13 @@ def check_sync(actors: Actors, examples: list[Example], n: int = 2, max_new_toke
     return 1.0
 
 
-def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], None] | None = None,
-          overwrite: bool = False) -> dict:
+def train(cfg: Config, resume: bool | str = False, on_step: Callable[[int, Actors], None] | None = None,
+          overwrite: bool = False, allow_config_change: bool = False) -> dict:
     """Run SDFT (or the SFT baseline) as configured; returns a summary dict. A folder that holds a previous run is
-    continued with `resume` or replaced with `overwrite`, never written into otherwise. `on_step(step, actors)` is
-    called after every completed step (monitoring and fault-injection hooks)."""
+    continued with `resume` or replaced with `overwrite`, never written into otherwise. `resume` (True or "latest")
+    continues from the newest checkpoint, which must be intact; "auto" from the newest intact one. A config that
+    differs from the checkpoint's beyond checkpoint.RESUME_SAFE_KEYS needs `allow_config_change`.
+    `on_step(step, actors)` is called after every completed step (monitoring and fault-injection hooks)."""
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
@@ -97,10 +114,15 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
 
     out = Path(cfg.output_dir)
     ckpt = checkpoint.prepare_output(out, resume, overwrite)
+    if ckpt is not None:  # verified and compared before anything starts
+        ckpt = checkpoint.resume_point(out, "auto" if resume == "auto" else "latest")
+        checkpoint.check_config(ckpt, cfg, allow_config_change)
     model_path = resolve_model(cfg.model.path, cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     train_set, eval_set = load_splits(cfg, tokenizer)
+    check_metric(cfg)
     named_sets = load_eval_sets(cfg, tokenizer)  # eval.sets: e.g. prior skills (retention)
+    monitor = ForgettingMonitor(cfg, tokenizer) if cfg.monitor.enabled else None  # monitor.data: general prompts
     steps = total_steps(cfg, len(train_set))
 
     state = checkpoint.trainer_state(ckpt) if ckpt else {"step": 0}
@@ -114,15 +136,30 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
     rollouts = RolloutScheduler(actors, cfg, batch_for_step, steps)
     try:
         if ckpt:
-            ray.get([lr.load.remote(str(ckpt)) for lr in actors.learners])
+            try:
+                ray.get([lr.load.remote(str(ckpt)) for lr in actors.learners])
+            except checkpoint.CheckpointError as e:  # raised in a learner: drop Ray's remote traceback
+                raise checkpoint.CheckpointError(str(getattr(e, "cause", e))) from None
         logger = MetricsLogger(cfg, out, resume_step=state["step"] if ckpt else None, wandb_id=state.get("wandb_id"))
-        if ckpt:  # engines loaded the base from disk, as the learner did; a resumed learner has moved on
+        if monitor is not None:  # before any push: the engines still hold the base weights
+            monitor.start(actors, out, resume=ckpt is not None)
+        if ckpt and cfg.engines_follow_student:  # engines loaded the base from disk; a resumed learner has moved on
             rollouts.push(version=state["step"])
         summary = {"steps": steps, "start_step": state["step"], "train_examples": len(train_set),
                    "eval_examples": len(eval_set), "checkpoint": str(ckpt) if ckpt else None}
-        if state["step"] == 0 and (eval_set or named_sets):
-            summary["eval_before"] = evaluate_all(actors.engines, eval_set, named_sets, tokenizer, cfg)
-            logger.log(0, {"eval": summary["eval_before"]})
+        start = {}  # the step-0 record, on the base weights
+        if state["step"] == 0:
+            if eval_set or named_sets:
+                summary["eval_before"] = evaluate_all(actors.engines, eval_set, named_sets, tokenizer, cfg)
+                start["eval"] = summary["eval_before"]
+            if monitor is not None:
+                start["monitor"] = monitor.measure()
+            if gate.applies(cfg):
+                start["gate"] = gate.teacher_gate(actors, train_set, tokenizer, cfg)
+        if start:
+            logger.log(0, start)
+        if "gate" in start:
+            gate.enforce(start["gate"], cfg)
 
         saving = None  # a checkpoint being written in the background
         bar = tqdm(range(state["step"], steps), initial=state["step"], total=steps, desc=cfg.train.mode,
@@ -131,7 +168,7 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
             timings, record = {}, {}
             t_step = time.perf_counter()
             with timed(timings, "rollout"):
-                if cfg.train.mode == "sdft":
+                if cfg.train.distills:
                     samples, record["rollout"] = rollouts.take(step)
                 else:  # SFT: the demonstrations are the targets; nothing to sample
                     samples = [Sample(ex.student_ids, ex.demo_ids) for ex in batch_for_step(step)]
@@ -160,7 +197,9 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
                     "train.grad_clip, more train.warmup_steps, or check the data; resume with `sdft train ... "
                     "--resume` from a good checkpoint.")
             with timed(timings, "sync"):
-                if cfg.async_.max_staleness and not cfg.sync.check_greedy:
+                if not cfg.engines_follow_student:  # dft: the engines keep sampling as the frozen teacher
+                    sync = {}
+                elif cfg.async_.max_staleness and not cfg.sync.check_greedy:
                     # Overlap: this step's weights load into the engines while the learner runs the next step;
                     # the record carries the push that finished meanwhile (the previous version's).
                     sync = rollouts.wait_push()
@@ -175,15 +214,24 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int, Actors], No
             record["learner_tokens_per_s"] = record["tokens"] / timings["learner"]
             record["idle"] = idle_ratios(record, len(actors.engines))
             done = step + 1
-            if (cfg.eval.every and done % cfg.eval.every == 0) or done == steps:
-                record["eval"] = evaluate_all(actors.engines, eval_set, named_sets, tokenizer, cfg)
-                summary["eval_after"] = record["eval"]
+            due_eval = (cfg.eval.every and done % cfg.eval.every == 0) or done == steps
+            due_monitor = monitor is not None and monitor.due(done, steps)
+            if due_eval or due_monitor:
+                with rollouts.student_weights(version=done):  # dft: the engines hold the student's weights meanwhile
+                    if due_eval:
+                        record["eval"] = summary["eval_after"] = evaluate_all(
+                            actors.engines, eval_set, named_sets, tokenizer, cfg)
+                    if due_monitor:
+                        record["monitor"] = monitor.measure()
             logger.log(done, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}")
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (done == steps and cfg.checkpoint.final):
                 if saving is not None:
                     summary["checkpoint"] = str(checkpoint.finish(saving, cfg.checkpoint.keep_last))
                 saving = checkpoint.start(actors.learners, out, done, cfg, {"wandb_id": logger.wandb_id})
+            if monitor is not None and monitor.over_limit(record):
+                summary["checkpoint"] = _save_now(saving, actors, out, done, cfg, {"wandb_id": logger.wandb_id})
+                raise ForgettingLimit(monitor.stop_message(done, record, summary["checkpoint"]))
             summary["last"] = record
             if on_step is not None:
                 on_step(done, actors)

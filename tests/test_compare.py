@@ -25,6 +25,13 @@ def test_table_and_plot(tmp_path, capsys):
     r = _fake_results()
     plot(r, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    # with the forgetting monitor's records a third panel (KL to base over steps) makes the figure wider
+    r["monitor"] = {m: [{"step": s, "kl_to_base": s / 1000, "general_accuracy": 0.9} for s in (0, 50, 100)]
+                    for m in r["methods"]}
+    plot(r, tmp_path / "m.png")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "m.png").width > Image.open(tmp_path / "p.png").width
     print_table(r, "t")
     out = capsys.readouterr().out
     assert "SDFT" in out and "90.0" in out and "97.0" in out
@@ -36,7 +43,7 @@ def test_stage_parsing_and_bad_methods(capsys):
     with pytest.raises(ValueError, match="NAME=TRAIN"):
         parse_stages(["shift=a.jsonl"])
     assert cli_main(["compare", "--methods", "rl"]) == 2
-    assert "choose from sft, sdft" in capsys.readouterr().err
+    assert "choose from sft, dft, sdft" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -53,3 +60,5 @@ def test_short_sdft_run_learns_the_new_skill(tmp_path, ray_session):
     assert r["sdft"]["new_acc"] >= r["base"]["new_acc"] + 0.3
     assert 0.0 <= r["sdft"]["prior_acc"] <= 1.0
     assert (out / "compare.png").exists()
+    kl = [row["kl_to_base"] for row in r["monitor"]["sdft"]]  # configs/toy.yaml turns the monitor on
+    assert kl[0] == pytest.approx(0, abs=1e-6) and kl[-1] > kl[0]

@@ -1,0 +1,110 @@
+"""Live forgetting monitor (`monitor:`): how far the student has moved from the base model where the base was
+already competent.
+
+At the start the engines (still the base) answer a fixed set of general prompts greedily, once; the answers are
+kept in OUTPUT/monitor_base.json so a resumed run measures against the same ones. Every `monitor.every` steps:
+`kl_to_base`, the mean per-token KL(base || student) on those (prompt, base answer) sequences, computed on the
+learner, and `general_accuracy`, the current engines' greedy answers scored with eval.metric.
+
+`token_kl_sum` is the one KL-to-base computation: the learner's `kl_to_base` and `sdft compare` both use it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from itertools import zip_longest
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from actors.forward import completion_logits
+from kernels.reference import forward_kl
+
+BASE_FILE = "monitor_base.json"
+
+Sequences = list[tuple[list[int], list[int]]]  # (prompt ids, answer ids)
+
+
+@torch.no_grad()
+def token_kl_sum(model, base_logits: Callable[[list, list], torch.Tensor], sequences: Sequences, pad_id: int,
+                 chunk: int, base_contexts: list[list[int]] | None = None) -> tuple[float, int]:
+    """Summed per-token KL(base || model) over the answer tokens of `sequences`, and the number of tokens.
+
+    `model` reads each answer behind its prompt; `base_logits(contexts, answers)` gives the base's [N, V] logits on
+    the same tokens (the frozen teacher, a base model through `completion_logits`, ...), behind `base_contexts` when
+    given, else behind the same prompts. `chunk` sequences at a time bound the memory of the [N, V] logits."""
+    contexts = base_contexts if base_contexts is not None else [p for p, _ in sequences]
+    rows = [(p, a, c) for (p, a), c in zip(sequences, contexts) if a]  # an empty answer has no token to compare
+    total, count = 0.0, 0
+    for i in range(0, len(rows), chunk):
+        prompts, answers, ctx = map(list, zip(*rows[i : i + chunk]))
+        zm = completion_logits(model, prompts, answers, pad_id)
+        zb = base_logits(ctx, answers).to(zm.device)
+        total += forward_kl(zm, zb).sum().item()  # KL(base || model): the base in the teacher's place
+        count += zm.shape[0]
+    return total, count
+
+
+def submit_learner_kl(actors, cfg, sequences: Sequences, base_contexts: list[list[int]] | None = None):
+    """`Learner.kl_to_base` on rank 0 alone (its ObjectRef); under ZeRO-3 every rank joins, since its forwards
+    gather the parameters."""
+    ranks = actors.learners if cfg.train.zero_stage == 3 else actors.learners[:1]
+    return [lr.kl_to_base.remote(sequences, base_contexts) for lr in ranks][0]
+
+
+class ForgettingMonitor:
+    def __init__(self, cfg, tokenizer):
+        """The general prompts, loaded and tokenized before any actor starts (a bad source fails fast)."""
+        from .data import load_examples, tokenize_examples
+
+        self.cfg, self.tokenizer = cfg, tokenizer
+        sources = [load_examples(s, cfg.data) for s in cfg.monitor.data]
+        self.rows = [ex for group in zip_longest(*sources) for ex in group if ex is not None][: cfg.monitor.size]
+        tokenize_examples(self.rows, tokenizer, cfg)
+        self.actors, self.sequences = None, []
+
+    def start(self, actors, output_dir: Path, resume: bool) -> None:
+        """The base answers: from OUTPUT/monitor_base.json when resuming, else from the engines, which must still
+        hold the base weights (before the first push)."""
+        from actors.rollout import generate_sharded
+
+        self.actors = actors
+        prompts = [ex.student_ids for ex in self.rows]
+        path = output_dir / BASE_FILE
+        saved = json.loads(path.read_text()) if resume and path.exists() else {}
+        if saved.get("prompts") != prompts:  # a fresh run, or the monitor set changed
+            max_new = self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens
+            outs = generate_sharded(actors.engines, prompts, max_new_tokens=max_new, temperature=0.0)
+            saved = {"prompts": prompts, "answers": [o.token_ids for o in outs]}
+            path.write_text(json.dumps(saved))
+        self.sequences = list(zip(prompts, saved["answers"]))
+
+    def due(self, step: int, last_step: int) -> bool:
+        return step % self.cfg.monitor.every == 0 or step == last_step
+
+    def measure(self) -> dict:
+        """{"kl_to_base", "general_accuracy"} of the learner's and the engines' current weights, and the seconds
+        it took (what the monitor costs the run)."""
+        import ray
+
+        from .evaluation import score_groups
+
+        t0 = time.perf_counter()
+        kl = submit_learner_kl(self.actors, self.cfg, self.sequences)  # the learner works while the engines generate
+        scored = score_groups(self.actors.engines, {"monitor": ([ex.student_ids for ex in self.rows], self.rows)},
+                        self.tokenizer, self.cfg)
+        return {"kl_to_base": ray.get(kl), "general_accuracy": scored["monitor"]["accuracy"],
+                "seconds": time.perf_counter() - t0}
+
+    def over_limit(self, record: dict) -> bool:
+        limit = self.cfg.monitor.max_kl
+        return limit is not None and "monitor" in record and record["monitor"]["kl_to_base"] > limit
+
+    def stop_message(self, step: int, record: dict, checkpoint: str) -> str:
+        kl = record["monitor"]["kl_to_base"]
+        return (f"forgetting limit: after step {step} the mean per-token KL to the base model on the monitor's "
+                f"general prompts is {kl:.4g} > monitor.max_kl={self.cfg.monitor.max_kl:g}; checkpoint {checkpoint}. "
+                "Lower train.lr or add replay of prior-skill data, or raise monitor.max_kl and continue with "
+                "`sdft train ... --resume`.")
