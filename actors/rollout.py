@@ -7,7 +7,9 @@ eager mode), which starts in seconds. New weights arrive through this engine's e
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 import time
 
 from .logs import drop_expected_vllm_warnings, redirect_output
@@ -57,9 +59,11 @@ class RolloutEngine:
         if cfg.model.lora.enabled:  # the base stays; the student arrives as LoRA adapters (weight_sync/lora.py)
             kwargs.update(enable_lora=True, max_lora_rank=cfg.model.lora.max_lora_rank, max_loras=1)
         self.llm = LLM(**kwargs)
+        self.model_path = model_path
         self.sleep_mode = sleep_mode
         self.weight_version = 0
         self.lora_request = None  # under LoRA the student adapter in use; None: the base (a fresh adapter, B = 0)
+        self.lora_ids = itertools.count(1)
         self.receiver = None  # this engine's end of the weight sync (open_sync)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
@@ -97,6 +101,30 @@ class RolloutEngine:
     def sync(self, op: str, *args):
         """Run one step of the weight sync's engine side; the driver's `WeightSync` decides which."""
         return getattr(self.receiver, op)(*args)
+
+    def restore_base(self) -> None:
+        """Back to the initial weights (version 0): drop the student adapter under LoRA, else reload from disk."""
+        if self.cfg.model.lora.enabled:
+            if self.lora_request is not None:
+                self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+                shutil.rmtree(self.lora_request.lora_path, ignore_errors=True)
+            self.lora_request = None
+        else:  # the layerwise reload of the object-store sync, fed as the learner would (tied LM head included)
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            from .weight_sync.gather import iter_buckets
+            from .weight_sync.object_store import BUCKET_BYTES, _begin, _feed, _finish
+
+            dtype = getattr(torch, self.cfg.model.resolved_dtype(torch.cuda.is_available()))
+            base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype,
+                                                        trust_remote_code=self.cfg.model.trust_remote_code)
+            self.llm.collective_rpc(_begin)
+            for bucket in iter_buckets(base, zero3=False, bucket_bytes=BUCKET_BYTES, dtype=None, device="cpu"):
+                self.llm.collective_rpc(_feed, args=(bucket,))
+            self.llm.collective_rpc(_finish)
+            self.llm.reset_prefix_cache()
+        self.weight_version = 0
 
     def sleep(self) -> None:
         if self.sleep_mode:

@@ -10,6 +10,7 @@ strict on-policy loop: generate, train, sync.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -76,6 +77,20 @@ class RolloutScheduler:
                 self._await_engine(i)
             return self.actors.sync.resync(list(range(len(self.actors.engines))))
 
+    @contextmanager
+    def student_weights(self, version: int):
+        """Eval and the forgetting monitor score the student. Engines that sample as the frozen teacher (dft) hold
+        the initial weights: they get the student's for the duration and the initial ones back after."""
+        if self.cfg.engines_follow_student:
+            yield
+            return
+        self.push(version)
+        try:
+            yield
+        finally:
+            ray.get([e.restore_base.remote() for e in self.actors.engines])
+            self.version = 0
+
     def sleep(self) -> None:
         """Colocated placement: engines release the GPU while the learner trains (a no-op on CPU)."""
         if self.actors.colocated:
@@ -99,18 +114,22 @@ class RolloutScheduler:
         """A crashed engine restarts from the base weights: bring it to the current version before reuse."""
         self.restarts += 1
         self._await_engine(i)
-        self.actors.sync.resync([i])
+        if self.version:  # a restarted engine holds the initial weights: version 0
+            self.actors.sync.resync([i])
 
     # ---- generation ----------------------------------------------------------------------------------------
     def _sampling(self) -> dict:
         r = self.cfg.rollout
         return dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
 
+    def _prompt(self, ex: Example) -> list[int]:
+        return ex.teacher_ids if self.cfg.rollout.context == "teacher" else ex.student_ids
+
     def _submit(self, step: int) -> None:
         n = self.cfg.rollout.samples_per_prompt
         prompts = [ex for ex in self.batch_for_step(step) for _ in range(n)]
         job = _Pending(prompts, sample_seeds(self.cfg.train.seed, step, len(prompts)))
-        job.shards = submit_sharded(self.actors.engines, [ex.student_ids for ex in prompts], job.seeds,
+        job.shards = submit_sharded(self.actors.engines, [self._prompt(ex) for ex in prompts], job.seeds,
                                     **self._sampling())
         self.pending[step] = job
 
@@ -124,7 +143,7 @@ class RolloutScheduler:
                 except RayActorError:  # the engine crashed mid-generation: restart, re-sync, same seeds again
                     self._recover(i)
                     engine = self.actors.engines[i]
-                    ref = engine.generate.remote([job.prompts[j].student_ids for j in idx],
+                    ref = engine.generate.remote([self._prompt(job.prompts[j]) for j in idx],
                                                  seeds=[job.seeds[j] for j in idx], **self._sampling())
             for j, r in zip(idx, results):
                 out[j] = r
@@ -142,7 +161,8 @@ class RolloutScheduler:
                    for ex, o in zip(job.prompts, outs)]
         tokens = sum(len(o.token_ids) for o in outs)
         busy = {i: outs[idx[0]].gen_seconds for i, idx, _ in job.shards}  # engine-side seconds per engine
-        staleness = [step - o.weight_version for o in outs]
+        # versions behind the learner; 0 when the engines sample as the frozen teacher by design (dft)
+        staleness = [step - o.weight_version if self.cfg.engines_follow_student else 0 for o in outs]
         return samples, {
             "tokens": tokens, "tokens_per_s": tokens / max(max(busy.values()), 1e-9),
             "mean_length": tokens / len(outs),

@@ -61,7 +61,7 @@ class Receiver:
         t0 = time.perf_counter()
         tensors = dict(bucket_tensors(adapter["tensors"]))
         previous = self.engine.lora_request
-        lora_id = previous.lora_int_id + 1 if previous is not None else 1  # vLLM caches adapters by id: a new one
+        lora_id = next(self.engine.lora_ids)  # vLLM caches adapters by id: a new one each time
         folder = write_adapter(self.root / f"v{version}-{lora_id}", adapter["config"], tensors)
         request = LoRARequest(f"student-v{version}-{lora_id}", lora_id, str(folder))
         engine = self.engine.llm.llm_engine
