@@ -1,7 +1,8 @@
 """Throughput of a small SDFT job on this machine: strict vs async rollouts, 1 vs 2 rollout engines, and the
-same rollouts through Hugging Face `generate` as the baseline for the vLLM engine.
+same rollouts through Hugging Face `generate` as the baseline for the vLLM engine; or (`--lora`) full fine-tuning
+against a LoRA adapter of rank 16 (step split, bytes and seconds per sync, peak memory of learner and engine).
 
-    python benchmarks/throughput.py [--steps 12] [--batch 8] [--max-new-tokens 32] [--model tiny:llama]
+    python benchmarks/throughput.py [--steps 12] [--batch 8] [--max-new-tokens 32] [--model tiny:llama] [--lora]
 
 Prints one table, every row as a ratio to the first (strict, 1 engine), and the machine it ran on.
 Steady state: the first step (compilation, caches) is left out of the rates.
@@ -34,8 +35,9 @@ def _run(name: str, args, *overrides) -> dict:
         "eval.max_new_tokens=1", "logging.progress=false", "logging.wandb=false", "checkpoint.every=0",
         "checkpoint.final=false", *overrides,
     ])
+    peak: dict = {}
     t0 = time.perf_counter()
-    train(cfg)
+    train(cfg, on_step=lambda step, actors: _peak_rss(actors, peak))
     wall = time.perf_counter() - t0
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r][1:]  # steady state
@@ -49,7 +51,20 @@ def _run(name: str, args, *overrides) -> dict:
         "rollout_idle": sum(r["idle"]["rollout"] for r in steps) / len(steps),
         "learner_idle": sum(r["idle"]["learner"] for r in steps) / len(steps),
         "engine_tokens_per_s": sum(r["rollout"]["tokens_per_s"] for r in steps) / len(steps), "wall_s": wall,
+        "sync_mb": sum(r["sync"].get("bytes", 0) for r in steps) / len(steps) / 2**20,
+        "peak_gib": {role: kib / 2**20 for role, kib in peak.items()},
     }
+
+
+def _peak_rss(actors, peak: dict) -> None:
+    """Peak resident memory (VmHWM) so far of learner rank 0 and engine 0, in KiB, into `peak`."""
+    import ray
+
+    for role, actor in (("learner", actors.learner), ("engine", actors.engines[0])):
+        pid = ray.get(actor.node.remote())["pid"]
+        status = Path(f"/proc/{pid}/status").read_text()
+        kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+        peak[role] = max(peak.get(role, 0), kib)
 
 
 def _hf_generate(args) -> dict:
@@ -94,8 +109,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--model", default="tiny:llama")
+    p.add_argument("--lora", action="store_true", help="full fine-tuning vs model.lora.r=16 instead of the layouts")
     args = p.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
+    if args.lora:
+        return _print_lora(args, [_run("full fine-tuning", args), _run("LoRA r=16", args, "model.lora.r=16")])
 
     rows = [
         _run("strict, 1 engine", args),
@@ -125,6 +143,21 @@ def main() -> None:
         timing = (f"{r['rollout_s']:9.3f} {r['learner_s']:9.3f} {r['sync_s']:7.3f} "
                   f"{r['rollout_idle']:.2f}/{r['learner_idle']:.2f}") if "rollout_s" in r else ""
         print(f"{r['name']:38} {sps:>8} {sps_r:>6} {tps:>8} {tps_r:>6} {eng:>12} {eng_r:>6} {timing}")
+
+
+def _print_lora(args, rows: list[dict]) -> None:
+    base = rows[0]
+    print(f"\nFull fine-tuning vs LoRA — {_machine()}")
+    print(f"model {args.model}, {args.steps} steps x {args.batch} prompts, {args.max_new_tokens} new tokens, "
+          "steady state (first step excluded); peak RSS of learner rank 0 and engine 0\n")
+    head = (f"{'variant':18} {'steps/s':>8} {'ratio':>6} {'rollout s':>9} {'learner s':>9} {'sync s':>7} "
+            f"{'sync MB':>9} {'learner GiB':>11} {'engine GiB':>10}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['name']:18} {r['steps_per_s']:8.3f} {r['steps_per_s'] / base['steps_per_s']:6.2f} "
+              f"{r['rollout_s']:9.3f} {r['learner_s']:9.3f} {r['sync_s']:7.3f} {r['sync_mb']:9.2f} "
+              f"{r['peak_gib'].get('learner', 0):11.2f} {r['peak_gib'].get('engine', 0):10.2f}")
 
 
 if __name__ == "__main__":
