@@ -37,10 +37,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-# SFT and SDFT on the embedded toy world from the same committed base; prints the table, writes
-# runs/demo/{results.json,compare.png}.
+# SFT, DFT and SDFT on the embedded toy world from the same committed base (teacher gate and forgetting monitor on);
+# prints the table, writes runs/demo/{results.json,compare.png}.
 demo: setup
-	$(BIN)/sdft compare configs/toy.yaml --output runs/demo --overwrite
+	$(BIN)/sdft compare configs/toy.yaml --output runs/demo --overwrite --methods sft,dft,sdft
 
 test: setup
 	$(BIN)/python -m pytest -v -rs --durations=15 tests

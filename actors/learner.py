@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -90,7 +91,8 @@ class Learner:
             "gradient_accumulation_steps": seqs_per_rank // t.micro_batch_size,
             "gradient_clipping": t.grad_clip,
             "zero_optimization": {"stage": t.zero_stage},
-            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            "bf16": {"enabled": self.dtype == torch.bfloat16,
+                     "check_grad_overflow": t.on_nonfinite == "skip"},  # ZeRO then skips a non-finite step
             "fp16": {"enabled": self.dtype == torch.float16},
             "zero_allow_untested_optimizer": True,  # a torch AdamW client optimizer under ZeRO
             "steps_per_print": 10**9,
@@ -143,12 +145,16 @@ class Learner:
         micro_batches = [samples[i : i + mb] for i in range(0, len(samples), mb)]
         loss = kl = 0.0
         tokens, weights, grad_norm = 0, [], None
+        skipped_before = self.engine.skipped_steps
+        skip = False  # ZeRO-0, train.on_nonfinite=skip: a non-finite gradient drops the update
         for micro in micro_batches:
             out = self._micro_loss(micro)
             self.engine.backward(out.loss)
             if self.engine.is_gradient_accumulation_boundary() and self.cfg.train.zero_stage == 0:
                 grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 does not record it; before clipping
-            self.engine.step()
+                skip = self.cfg.train.on_nonfinite == "skip" and not math.isfinite(grad_norm)
+            with _without_optimizer_step(self.engine.optimizer) if skip else contextlib.nullcontext():
+                self.engine.step()  # the step's bookkeeping (schedule, counters, zeroed gradients) still happens
             loss += out.loss.item() / len(micro_batches)
             kl += out.divergence.item() / len(micro_batches)
             tokens += out.num_tokens
@@ -163,6 +169,8 @@ class Learner:
             is_weight_mean=w.mean().item(), is_weight_min=w.min().item(), is_weight_max=w.max().item(),
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             lr=self.scheduler.get_last_lr()[0],
+            # ZeRO 1-3 drop a step whose gradient norm is not finite themselves (bf16: check_grad_overflow)
+            skipped=int(skip or self.engine.skipped_steps > skipped_before),
         )
 
     # ---- weights out ---------------------------------------------------------------------------------------
@@ -304,6 +312,17 @@ class _WeightsOnlyLoads:
             what = found.group(1) if found else "not tensors or plain data"
             raise CheckpointError(f"{path} holds objects a checkpoint may not ({what}): refused to load it, nothing "
                                   "in it ran") from None
+
+
+@contextlib.contextmanager
+def _without_optimizer_step(optimizer):
+    """DeepSpeed's step at this boundary leaves the weights and the optimizer state as they are (ZeRO-0 has no
+    overflow check of its own: a skipped update, train.on_nonfinite=skip)."""
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del optimizer.step  # the class's step again
 
 
 @torch.no_grad()

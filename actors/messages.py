@@ -48,6 +48,7 @@ class StepMetrics:
     is_weight_max: float = _merge("max")
     grad_norm: float = _merge("first")
     lr: float = _merge("first")
+    skipped: int = _merge("max")  # 1: the update was not applied (train.on_nonfinite=skip); ranks agree
 
     @classmethod
     def merge(cls, ranks: list[StepMetrics]) -> StepMetrics:

@@ -23,6 +23,9 @@ TEACHER_TEMPLATE = (
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
 
 
+MAX_CONSECUTIVE_SKIPS = 5  # train.on_nonfinite=skip: more than this many skipped steps in a row is divergence
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file and key."""
 
@@ -189,6 +192,11 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0.0, description="gradient-norm clipping")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a step with a non-finite loss, IS weight or gradient: stop the run (nothing from it saved), or "
+        f"skip its update (weights unchanged, the step logged with skipped=1; {MAX_CONSECUTIVE_SKIPS} in a row stop)",
+    )
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage of the learner")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward of the student")
     seed: int = Field(0, description="seed of data order, sampling (engine i uses seed + i) and tiny models")

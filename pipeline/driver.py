@@ -20,7 +20,7 @@ from actors.launcher import Actors, launch
 from actors.messages import Sample, StepMetrics
 
 from . import checkpoint, gate
-from .config import Config
+from .config import MAX_CONSECUTIVE_SKIPS, Config
 from .console import log_to_file, print_header
 from .data import Example, batch_indices, load_splits
 from .evaluation import check_metric, evaluate_all, load_eval_sets
@@ -162,6 +162,7 @@ def train(cfg: Config, resume: bool | str = False, on_step: Callable[[int, Actor
             gate.enforce(start["gate"], cfg)
 
         saving = None  # a checkpoint being written in the background
+        skipped_in_a_row = 0  # train.on_nonfinite=skip
         bar = tqdm(range(state["step"], steps), initial=state["step"], total=steps, desc=cfg.train.mode,
                    disable=not cfg.logging.progress, dynamic_ncols=True)
         for step in bar:
@@ -187,12 +188,18 @@ def train(cfg: Config, resume: bool | str = False, on_step: Callable[[int, Actor
                     ) from e
                 metrics = StepMetrics.merge(per_rank)
                 record.update(metrics.as_dict())
-            if not metrics.finite():
+            skip = bool(metrics.skipped) and cfg.train.on_nonfinite == "skip"  # the update was not applied
+            skipped_in_a_row = skipped_in_a_row + 1 if skip else 0
+            if skip:
+                record.update({k: None for k, v in metrics.as_dict().items() if not math.isfinite(v)})
+                logging.getLogger(__name__).warning("step %d skipped: %s", step + 1, metrics.describe_nonfinite())
+            if (not metrics.finite() and not skip) or skipped_in_a_row > MAX_CONSECUTIVE_SKIPS:
                 if saving is not None:  # saved before this step: still good
                     summary["checkpoint"] = _finish_if_saved(saving, cfg.checkpoint.keep_last)
                     saving = None
                 raise TrainingDiverged(
-                    f"step {step + 1} produced non-finite values ({metrics.describe_nonfinite()}); the weights are "
+                    f"step {step + 1} produced non-finite values ({metrics.describe_nonfinite()})"
+                    + (f", {skipped_in_a_row} skipped steps in a row" if skipped_in_a_row else "") + "; the weights are "
                     f"not saved. Last good checkpoint: {summary['checkpoint'] or 'none'}. Try a lower train.lr or "
                     "train.grad_clip, more train.warmup_steps, or check the data; resume with `sdft train ... "
                     "--resume` from a good checkpoint.")
@@ -224,7 +231,7 @@ def train(cfg: Config, resume: bool | str = False, on_step: Callable[[int, Actor
                     if due_monitor:
                         record["monitor"] = monitor.measure()
             logger.log(done, record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}")
+            bar.set_postfix({k: "skipped" if record[k] is None else f"{record[k]:.4f}" for k in ("loss", "kl")})
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (done == steps and cfg.checkpoint.final):
                 if saving is not None:
                     summary["checkpoint"] = str(checkpoint.finish(saving, cfg.checkpoint.keep_last))

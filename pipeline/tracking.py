@@ -13,7 +13,7 @@ def _flatten(record: dict) -> dict:
     for k, v in record.items():
         if isinstance(v, dict):
             flat.update({f"{k}/{kk}": vv for kk, vv in v.items()})
-        elif k != "step":
+        elif k != "step" and v is not None:  # None: a skipped step's non-finite value
             flat[f"train/{k}"] = v
     return flat
 

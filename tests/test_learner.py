@@ -67,3 +67,35 @@ def test_loss_backends_agree(ray_session, tiny_model):
         # Adam's first step is ~lr * g / |g|: on embedding rows whose gradient is ~1e-8 the last bits of g decide
         # the update, so weights agree to 1 % of one step (lr = 1e-2), not to float32 precision.
         _close(w, torch_w, 1e-4)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_on_nonfinite_skip_leaves_the_weights_and_training_goes_on(ray_session, tiny_model, stage):
+    """A step whose loss and gradients are NaN (NaN sampling logprobs make the IS weight NaN) changes nothing
+    under train.on_nonfinite=skip; the next good step trains as usual."""
+    import dataclasses
+
+    cfg = load_config(SMOKE, ["train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-2", "train.warmup_steps=0",
+                              f"train.zero_stage={stage}", "train.on_nonfinite=skip"])
+    actor = ray_session.remote(Learner).options(num_cpus=1).remote(cfg.model_dump(), tiny_model, 10,
+                                                                  master_port=free_port())
+
+    def weights():
+        stream = actor.sync_stream.options(num_returns="streaming").remote("export")
+        return dict(t for ref in stream for t in bucket_tensors(ray_session.get(ref)))
+
+    try:
+        ray_session.get(actor.open_sync.remote("object_store"))
+        good = _samples()
+        bad = [dataclasses.replace(s, logprobs=[float("nan")] * len(s.logprobs)) for s in good]
+        before = weights()
+        skipped = ray_session.get(actor.step.remote(bad))
+        assert skipped.skipped == 1 and skipped.loss != skipped.loss  # NaN, and not applied
+        _close(weights(), before, 0.0)
+        trained = ray_session.get(actor.step.remote(good))
+        assert trained.skipped == 0 and trained.finite()
+        after = weights()
+        assert any(not torch.equal(after[k], before[k]) for k in before)
+        assert all(torch.isfinite(v).all() for v in after.values())
+    finally:
+        ray_session.kill(actor)
