@@ -6,7 +6,11 @@ helpers return one row per completion token, flattened over the micro-batch, so 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+from kernels.reference import forward_kl
 
 from .loss import token_logprobs
 
@@ -63,3 +67,23 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torc
     return torch.cat([
         token_logprobs(hidden[i : i + chunk] @ weight.T, ids[i : i + chunk]) for i in range(0, len(ids), chunk)
     ])
+
+
+@torch.no_grad()
+def token_kl_sum(model, base_logits: Callable[[list, list], torch.Tensor], sequences: list[tuple[list, list]],
+                 pad_id: int, chunk: int, base_contexts: list[list[int]] | None = None) -> tuple[float, int]:
+    """Summed per-token KL(base || model) over the answer tokens of `sequences`, and the number of tokens.
+
+    `model` reads each answer behind its prompt; `base_logits(contexts, answers)` gives the base's [N, V] logits on
+    the same tokens (the frozen teacher, a base model through `completion_logits`, ...), behind `base_contexts` when
+    given, else behind the same prompts. `chunk` sequences at a time bound the memory of the [N, V] logits."""
+    contexts = base_contexts if base_contexts is not None else [p for p, _ in sequences]
+    rows = [(p, a, c) for (p, a), c in zip(sequences, contexts) if a]  # an empty answer has no token to compare
+    total, count = 0.0, 0
+    for i in range(0, len(rows), chunk):
+        prompts, answers, ctx = map(list, zip(*rows[i : i + chunk]))
+        zm = completion_logits(model, prompts, answers, pad_id)
+        zb = base_logits(ctx, answers).to(zm.device)
+        total += forward_kl(zm, zb).sum().item()  # KL(base || model): the base in the teacher's place
+        count += zm.shape[0]
+    return total, count

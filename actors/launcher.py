@@ -55,8 +55,10 @@ def private_env() -> dict[str, str]:
     * RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray swaps a loopback `_node_ip_address` for the host's address unless
       clusters are off; with them off GCS, raylet, workers, agents and metrics endpoints all bind 127.0.0.1.
     * GLOO_SOCKET_IFNAME: gloo groups (the CPU learner's, vLLM's on CPU) listen on loopback, not wherever the
-      host name resolves to."""
-    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": _loopback_interface()}
+      host name resolves to; NCCL_SOCKET_IFNAME the same for NCCL's bootstrap on GPU (one machine: its data goes
+      over NVLink/PCIe, not sockets)."""
+    lo = _loopback_interface()
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": lo, "NCCL_SOCKET_IFNAME": lo}
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import torch
 
 import kernels
 
-from .forward import chunked_token_logprobs, completion_hidden, completion_logits
+from .forward import chunked_token_logprobs, completion_hidden, completion_logits, token_kl_sum
 from .logs import redirect_output
 from .loss import LossOutput, TokenLayout, sdft_loss, sft_loss, token_logprobs
 from .messages import Sample, StepMetrics
@@ -206,8 +206,6 @@ class Learner:
                    base_contexts: list[list[int]] | None = None) -> float:
         """Mean per-token KL(base || student) on the answers of (prompt_ids, answer_ids) pairs. With `base_contexts`
         the base reads each answer behind its own context (the gate: the teacher context, before step 1)."""
-        from pipeline.monitor import token_kl_sum
-
         total, count = token_kl_sum(self.engine.module.eval(), self._base_logits(), sequences, self.pad_id,
                                     self.cfg.train.micro_batch_size, base_contexts)
         return total / count if count else 0.0

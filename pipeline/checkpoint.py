@@ -77,6 +77,10 @@ def prepare_output(output_dir: Path, resume: bool | str, overwrite: bool) -> Pat
     return ckpt
 
 
+class CheckpointWriteFailed(RuntimeError):
+    """A checkpoint could not be written (a full disk, ...); nothing of it is left behind."""
+
+
 @dataclass
 class Pending:
     """A checkpoint being written: the learners save in the background while the run goes on."""
@@ -105,10 +109,19 @@ def finish(pending: Pending, keep_last: int) -> Path:
     the newest `keep_last`."""
     import ray
 
-    ray.get(pending.saves)
-    for name, text in pending.meta.items():
-        (pending.folder / name).write_text(text)
-    write_manifest(pending.folder)  # last: it vouches for everything above
+    try:
+        ray.get(pending.saves)
+        for name, text in pending.meta.items():
+            (pending.folder / name).write_text(text)
+        write_manifest(pending.folder)  # last: it vouches for everything above
+    except (OSError, ray.exceptions.RayTaskError) as e:  # e.g. a full disk, in a learner or here
+        shutil.rmtree(pending.folder, ignore_errors=True)
+        cause = getattr(e, "cause", None) or e
+        reason = (str(cause).strip().splitlines() or [""])[-1]
+        raise CheckpointWriteFailed(
+            f"writing checkpoint {pending.final.name} failed ({type(cause).__name__}: {reason}); its partial folder "
+            f"is removed and the earlier checkpoints in {pending.final.parent} are intact: free space (or fix the "
+            "folder) and continue with `sdft train ... --resume`") from None
     if pending.final.exists():
         shutil.rmtree(pending.final)
     os.replace(pending.folder, pending.final)

@@ -21,12 +21,13 @@ USER_ERRORS = (ConfigError, DataError, EvalError, ModelNotFound, OutputError, Ch
 def _run_failures() -> tuple[type, ...]:
     from actors.launcher import PlacementError
 
+    from .checkpoint import CheckpointWriteFailed
     from .driver import ForgettingLimit, LearnerFailed, SyncMismatch, TrainingDiverged
     from .gate import TeacherGateFailed
     from .scheduler import EngineFailed
 
     return (LearnerFailed, EngineFailed, PlacementError, SyncMismatch, TrainingDiverged, ForgettingLimit,
-            TeacherGateFailed)
+            TeacherGateFailed, CheckpointWriteFailed)
 
 
 def _parser() -> argparse.ArgumentParser:

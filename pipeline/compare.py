@@ -168,7 +168,7 @@ def kl_to_base(cfg: Config, model_dir: Path, max_prompts: int = 300) -> float | 
     """Mean per-token KL(base || trained) on the prior-skill prompts (eval.prior sets), over the base model's
     own greedy answers — how far training moved the model where it was already competent (the paper's
     "KL to base"). In-process Hugging Face forwards; meant for small models. The KL is the forgetting monitor's
-    (`pipeline.monitor.token_kl_sum`)."""
+    (`actors.forward.token_kl_sum`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,7 +176,7 @@ def kl_to_base(cfg: Config, model_dir: Path, max_prompts: int = 300) -> float | 
 
     from .evaluation import load_eval_sets
     from .models import resolve_model
-    from .monitor import token_kl_sum
+    from actors.forward import token_kl_sum
 
     if not cfg.eval.prior:
         return None

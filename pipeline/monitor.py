@@ -6,7 +6,8 @@ kept in OUTPUT/monitor_base.json so a resumed run measures against the same ones
 `kl_to_base`, the mean per-token KL(base || student) on those (prompt, base answer) sequences, computed on the
 learner, and `general_accuracy`, the current engines' greedy answers scored with eval.metric.
 
-`token_kl_sum` is the one KL-to-base computation: the learner's `kl_to_base` and `sdft compare` both use it.
+`actors.forward.token_kl_sum` is the one KL-to-base computation: the learner's `kl_to_base` and `sdft compare`
+both use it.
 """
 
 from __future__ import annotations
@@ -15,36 +16,10 @@ import json
 import time
 from itertools import zip_longest
 from pathlib import Path
-from typing import Callable
-
-import torch
-
-from actors.forward import completion_logits
-from kernels.reference import forward_kl
 
 BASE_FILE = "monitor_base.json"
 
 Sequences = list[tuple[list[int], list[int]]]  # (prompt ids, answer ids)
-
-
-@torch.no_grad()
-def token_kl_sum(model, base_logits: Callable[[list, list], torch.Tensor], sequences: Sequences, pad_id: int,
-                 chunk: int, base_contexts: list[list[int]] | None = None) -> tuple[float, int]:
-    """Summed per-token KL(base || model) over the answer tokens of `sequences`, and the number of tokens.
-
-    `model` reads each answer behind its prompt; `base_logits(contexts, answers)` gives the base's [N, V] logits on
-    the same tokens (the frozen teacher, a base model through `completion_logits`, ...), behind `base_contexts` when
-    given, else behind the same prompts. `chunk` sequences at a time bound the memory of the [N, V] logits."""
-    contexts = base_contexts if base_contexts is not None else [p for p, _ in sequences]
-    rows = [(p, a, c) for (p, a), c in zip(sequences, contexts) if a]  # an empty answer has no token to compare
-    total, count = 0.0, 0
-    for i in range(0, len(rows), chunk):
-        prompts, answers, ctx = map(list, zip(*rows[i : i + chunk]))
-        zm = completion_logits(model, prompts, answers, pad_id)
-        zb = base_logits(ctx, answers).to(zm.device)
-        total += forward_kl(zm, zb).sum().item()  # KL(base || model): the base in the teacher's place
-        count += zm.shape[0]
-    return total, count
 
 
 def submit_learner_kl(actors, cfg, sequences: Sequences, base_contexts: list[list[int]] | None = None):

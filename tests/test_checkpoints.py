@@ -291,3 +291,28 @@ def test_a_planted_pickle_in_the_deepspeed_state_does_not_run(trained, tmp_path,
     assert err == (f"sdft: error: {state} holds objects a checkpoint may not (exec): refused to load it, nothing in "
                    "it ran")
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_failed_checkpoint_write_leaves_nothing_behind(tmp_path, ray_session):
+    """A learner's save that fails (here: ENOSPC raised in a real Ray task, as a full disk does) is one message;
+    the temp folder is removed and the previous checkpoint stays published and intact."""
+    import errno
+
+    previous = _fake_checkpoint(tmp_path, 2)
+
+    @ray_session.remote
+    def save(folder):
+        (Path(folder) / "partial.bin").write_bytes(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    tmp = tmp_path / ".step_000004.tmp"
+    tmp.mkdir()
+    pending = checkpoint.Pending(tmp, tmp_path / "step_000004", [save.remote(str(tmp))], {"trainer_state.json": "{}"})
+    with pytest.raises(checkpoint.CheckpointWriteFailed) as e:
+        checkpoint.finish(pending, keep_last=2)
+    msg = str(e.value)
+    assert "step_000004" in msg and "No space left on device" in msg and "--resume" in msg and "\n" not in msg
+    assert not tmp.exists() and not (tmp_path / "step_000004").exists()
+    verify(previous)
+    assert checkpoint.list_checkpoints(tmp_path) == [previous]

@@ -68,7 +68,7 @@ def test_token_kl_sum_matches_a_direct_computation(tiny_model):
     from transformers import AutoModelForCausalLM
 
     from actors.forward import completion_logits
-    from pipeline.monitor import token_kl_sum
+    from actors.forward import token_kl_sum
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
     student = copy.deepcopy(base)
