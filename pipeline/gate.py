@@ -53,8 +53,10 @@ def enforce(result: dict, cfg) -> None:
         f"teacher gate: with the demonstration in context the base model scores {result['teacher_accuracy']:.1%} "
         f"on {result['rows']} training rows, without it {result['student_accuracy']:.1%} (the teacher must be better "
         f"by more than gate.min_margin={cfg.gate.min_margin:g}): the model cannot use the demonstrations, so there "
-        "is nothing to distill. Try a bigger model, a different data.teacher_template, or SFT (train.mode=sft); set "
-        "gate.enforce=false to train anyway.")
+        "is nothing to distill. Try a bigger model, a different data.teacher_template, or SFT (train.mode=sft)"
+        + ("; no row was right either way, so also check that eval.metric can score these answers" if
+           result["teacher_accuracy"] == result["student_accuracy"] == 0 else "")
+        + "; set gate.enforce=false to train anyway.")
 
 
 def print_gate(result: dict, cfg) -> None:
