@@ -187,14 +187,11 @@ def _placements(cfg, gpu: bool) -> tuple[list, list, list]:
     return [at(learn_pg, i) for i in range(m)], [at(roll_pg, i) for i in range(n)], [learn_pg, roll_pg]
 
 
-def _threads(cfg, gpu: bool, configured: int | None, role_cpus: float) -> int:
-    """Threads for one role's process (OMP_NUM_THREADS: read by torch and vLLM's CPU kernels at start). In strict
-    on-policy mode on CPU the learner and the engines take turns, so each may use both roles' cores."""
-    if configured:
-        return configured
-    if not gpu and cfg.train.distills and not cfg.async_.max_staleness:
-        return max(1, int(cfg.ray.learner_cpus + cfg.ray.rollout_cpus))
-    return max(1, int(role_cpus))
+def _threads(configured: int | None, role_cpus: float) -> int:
+    """Threads for one role's process (OMP_NUM_THREADS: read by torch and vLLM's CPU kernels at start): its CPUs.
+    Giving each role both roles' cores in strict mode (they take turns) measured no faster on SmolLM2 and 10 % slower
+    on the tiny model (benchmarks/README.md, `sdft-strict-auto`), so it is an override, not the default."""
+    return configured or max(1, int(role_cpus))
 
 
 def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, log_dir: str | None = None) -> Actors:
@@ -214,7 +211,7 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, lo
 
     # TRITON_INTERPRET must be set before triton is imported; only a CPU learner needs it.
     learner_env = {**env, **({} if gpu else {"TRITON_INTERPRET": "1"}),
-                   "OMP_NUM_THREADS": str(_threads(cfg, gpu, cfg.ray.learner_threads, cfg.ray.learner_cpus))}
+                   "OMP_NUM_THREADS": str(_threads(cfg.ray.learner_threads, cfg.ray.learner_cpus))}
     store = None
     if is_private():  # torch's own store server would listen on every interface: serve it here, on loopback
         store, port = loopback_store()
@@ -234,7 +231,7 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, lo
     engines = []
     if with_engines:
         engine_vars = {**env, **engine_env(cfg.rollout.cpu_kv_cache_gib),
-                       "OMP_NUM_THREADS": str(_threads(cfg, gpu, cfg.ray.rollout_threads, cfg.ray.rollout_cpus))}
+                       "OMP_NUM_THREADS": str(_threads(cfg.ray.rollout_threads, cfg.ray.rollout_cpus))}
         engines = [
             ray.remote(RolloutEngine).options(
                 num_cpus=cfg.ray.rollout_cpus, num_gpus=gpu_share, scheduling_strategy=engine_at[i],

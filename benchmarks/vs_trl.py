@@ -12,8 +12,8 @@ warm-up steps then cosine, clipping 1.0, batch = micro-batch, fp32, one torch th
   sdft-async   the same with `async.max_staleness=1` (generation for step j overlaps the learner's step j - 1)
   trl-vllm     TRL SDFTTrainer, `use_vllm=True, vllm_mode="colocate"` (vLLM in the trainer's process, fp32 engine)
   trl-hf       TRL SDFTTrainer sampling with Hugging Face `generate`
-  sdft-strict-auto  (only with --rows) sdft strict with the project's own CPU threading (`ray.learner_threads` /
-               `rollout_threads` unset) instead of one thread per process
+  sdft-strict-2t  (only with --rows) sdft strict with two threads per process (learner and engine take turns,
+               so each could use both cores) instead of one
 
 Workloads: `tiny` = `tiny:llama` (the project's random tiny Llama) with 8 prompts x 32 new tokens per step on
 configs/data/tiny.jsonl; `smollm2` = `package:smollm2` (SmolLM2-135M-Instruct) with 4 prompts x 32 new tokens on
@@ -68,7 +68,7 @@ ROWS = {
     "trl-vllm": "TRL SDFTTrainer + vLLM colocate",
     "trl-hf": "TRL SDFTTrainer + HF generate",
     # not in the default set: sdft strict with the project's own CPU threading instead of one thread per process
-    "sdft-strict-auto": "sdft strict, default threads",
+    "sdft-strict-2t": "sdft strict, 2 threads per process",
 }
 DEFAULT_ROWS = ["sdft-strict", "sdft-async", "trl-vllm", "trl-hf"]
 BASE_LABELS = {"trl-vllm": "TRL-vLLM", "trl-hf": "TRL-HF"}  # the rows speed is reported against
@@ -113,9 +113,9 @@ def _sdft_worker(row: str, spec: dict) -> dict:
         f"loss.skip_first_tokens={r['skip_first_tokens']}",
         f"async.max_staleness={1 if row == 'sdft-async' else 0}",
     ]
-    one_thread = row != "sdft-strict-auto" and "learner_threads" in RayConfig.model_fields
-    if one_thread:  # strict mode on CPU otherwise gives learner and engine both cores' threads (they take turns)
-        overrides += ["ray.learner_threads=1", "ray.rollout_threads=1"]
+    if "learner_threads" in RayConfig.model_fields:  # one thread per process, or both cores' (they take turns)
+        threads = 2 if row == "sdft-strict-2t" else 1
+        overrides += [f"ray.learner_threads={threads}", f"ray.rollout_threads={threads}"]
     if "final" in CheckpointConfig.model_fields:  # the end-of-run checkpoint, when it can be turned off
         overrides.append("checkpoint.final=false")
     cfg = load_config(SMOKE, overrides)
