@@ -18,7 +18,7 @@ TRL_VENV       ?= $(CACHE)/trl-venv
 TRL_STAMP      := $(TRL_VENV)/.trl-$(TRL_VERSION)
 BENCH_TRL_ARGS ?= --models tiny,smollm2 --reps 3 --steps 8
 
-.PHONY: setup demo test test-fast bench-trl clean
+.PHONY: setup demo test test-fast gpu-check bench-trl clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,12 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# On a CUDA machine: the bf16/LoRA/NCCL learner tests, every kernel test with compiled Triton, the kernel benchmark
+# (benchmarks/README.md). Needs torch, triton, transformers, peft, deepspeed, pydantic; not vLLM or Ray.
+gpu-check:
+	SDFT_TEST_DEVICE=cuda $(PY) -m pytest -q -rA tests/test_cuda.py tests/test_kernels.py
+	$(PY) benchmarks/kl_kernel.py
 
 # sdft vs TRL's SDFTTrainer on this machine (benchmarks/README.md); BENCH_TRL_ARGS=--quick checks the harness.
 bench-trl: setup

@@ -42,7 +42,7 @@ class Teacher:
         self.masters: dict[str, torch.Tensor] = {}  # LoRA ema: peft name -> float32 φ
         if self.lora:
             if kind == "ema":
-                self._add_ema_adapter()
+                self._add_ema_adapter(device)
         elif kind in ("ema", "frozen"):
             self.copy = copy.deepcopy(student).requires_grad_(False).eval()
             self.copy.to(device, dtype=torch.float32 if kind == "ema" else dtype)
@@ -53,17 +53,18 @@ class Teacher:
 
     # ---- LoRA ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _add_ema_adapter(self) -> None:
+    def _add_ema_adapter(self, device) -> None:
         """φ starts as the student adapter (θ₀: the same A, B = 0), so the teacher starts as the base, like the
         student. The masters stay float32 whatever dtype DeepSpeed gives the module (a bf16 φ would round most
-        α = 0.01 updates away); the adapter in the model is a copy of them, refreshed after each update."""
+        α = 0.01 updates away) and on the learner's device, where DeepSpeed puts the model; the adapter in the model
+        is a copy of them, refreshed after each update."""
         m = self.student
         m.add_adapter(adapters.TEACHER, m.peft_config[adapters.STUDENT])
         self._student_params = adapters.adapter_params(m, adapters.STUDENT)
         self._teacher_params = adapters.adapter_params(m, adapters.TEACHER)
         for name, p in self._teacher_params.items():
             p.copy_(self._student_params[name])
-            self.masters[name] = self._student_params[name].detach().float().clone()
+            self.masters[name] = self._student_params[name].detach().to(device, torch.float32, copy=True)
         self._restore_trainable()
 
     def _restore_trainable(self) -> None:
@@ -131,10 +132,7 @@ class Teacher:
         # not a product of EMAs, and B·A of the result is not the EMA of the student's updates). It is what TRL's
         # EMA callback for peft adapters (PEFTAdapterEMACallback) does: EMA over the adapter's state-dict entries.
         for name, master in self.masters.items():
-            theta = self._student_params[name]
-            if master.device != theta.device:  # DeepSpeed moved the model after the masters were taken
-                master = self.masters[name] = master.to(theta.device)
-            master.lerp_(theta.detach().to(master.dtype), self.alpha)
+            master.lerp_(self._student_params[name].detach().to(master.dtype), self.alpha)
             self._teacher_params[name].copy_(master)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------

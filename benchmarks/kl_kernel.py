@@ -278,7 +278,7 @@ def bench_shape(T, V, dev, dtype, args, bw, flops):
 
             def liger_fused():
                 hs.grad = ws.grad = None
-                fl(hs, ws, ht, wt).backward()  # token mean, no per-token weights
+                fl(hs, ws, ht, wt, None).backward()  # no labels to ignore (shift_labels=None): token mean
             run_method("Liger LigerFusedLinearJSD", liger_fused, dev, args, rows, gemm_floor)
         for hint in (False, True):
             run_method(f"ours fused-linear ({'token_weights' if hint else 'recompute bwd'})", hstep(

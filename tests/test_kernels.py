@@ -1,6 +1,10 @@
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede any triton import (CPU-only machine)
+# SDFT_TEST_DEVICE=cuda runs every test here on a GPU with compiled Triton; on CPU, Triton's interpreter (set
+# before any triton import).
+DEVICE = os.environ.get("SDFT_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import math  # noqa: E402
 import subprocess  # noqa: E402
@@ -14,6 +18,13 @@ import kernels  # noqa: E402
 from kernels import fused_linear_token_divergence, reference, token_divergence  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy NaN noise in the interpreter
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    """Every tensor a test creates without naming a device lands on DEVICE."""
+    with torch.device(DEVICE):
+        yield
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-10}
 MODES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5)]
