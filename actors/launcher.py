@@ -187,11 +187,25 @@ def _placements(cfg, gpu: bool) -> tuple[list, list, list]:
     return [at(learn_pg, i) for i in range(m)], [at(roll_pg, i) for i in range(n)], [learn_pg, roll_pg]
 
 
-def _threads(configured: int | None, role_cpus: float) -> int:
-    """Threads for one role's process (OMP_NUM_THREADS: read by torch and vLLM's CPU kernels at start): its CPUs.
-    Giving each role both roles' cores in strict mode (they take turns) measured no faster on SmolLM2 and 10 % slower
-    on the tiny model (benchmarks/README.md, `sdft-strict-auto`), so it is an override, not the default."""
-    return configured or max(1, int(role_cpus))
+def thread_counts(cfg, gpu: bool, nodes: int) -> tuple[int, int]:
+    """Threads of each learner rank and each engine: the role's own CPUs, except on a single CPU-only node in
+    strict mode (`async.max_staleness=0`). There the learner ranks and the engines take turns, so whichever phase
+    runs gets every core reserved for the run, split among that role's processes: on 2 cores the learner step and
+    generation each run on both (benchmarks/README.md). `ray.learner_threads` / `ray.rollout_threads` override."""
+    r = cfg.ray
+    m, n = r.learner_ranks, cfg.rollout.num_engines
+    learner, engine = max(1, int(r.learner_cpus)), max(1, int(r.rollout_cpus))
+    if not gpu and nodes == 1 and cfg.async_.max_staleness == 0 and n:
+        pool = m * r.learner_cpus + n * r.rollout_cpus
+        learner, engine = max(1, int(pool // m)), max(1, int(pool // n))
+    return r.learner_threads or learner, r.rollout_threads or engine
+
+
+def _thread_env(n: int) -> dict[str, str]:
+    """Set before the process imports torch or vLLM, for both pools: OpenMP's (torch's own kernels, vLLM's CPU
+    kernels) and MKL's (torch's CPU matrix products), which would otherwise keep an MKL_NUM_THREADS=1 inherited
+    from the driver's environment and run every GEMM on one thread."""
+    return {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
 
 
 def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, log_dir: str | None = None) -> Actors:
@@ -206,12 +220,13 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, lo
     colocated = cfg.ray.placement == "colocated"
     gpu_share = (0.5 if colocated else 1) if gpu else 0
     learner_at, engine_at, pgs = _placements(cfg, gpu)
+    learner_threads, engine_threads = thread_counts(cfg, gpu, len([x for x in ray.nodes() if x["Alive"]]))
     env = _passthrough_env()
     cfg_dict = cfg.model_dump()
 
     # TRITON_INTERPRET must be set before triton is imported; only a CPU learner needs it.
     learner_env = {**env, **({} if gpu else {"TRITON_INTERPRET": "1"}),
-                   "OMP_NUM_THREADS": str(_threads(cfg.ray.learner_threads, cfg.ray.learner_cpus))}
+                   **_thread_env(learner_threads)}
     store = None
     if is_private():  # torch's own store server would listen on every interface: serve it here, on loopback
         store, port = loopback_store()
@@ -231,7 +246,7 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, lo
     engines = []
     if with_engines:
         engine_vars = {**env, **engine_env(cfg.rollout.cpu_kv_cache_gib),
-                       "OMP_NUM_THREADS": str(_threads(cfg.ray.rollout_threads, cfg.ray.rollout_cpus))}
+                       **_thread_env(engine_threads)}
         engines = [
             ray.remote(RolloutEngine).options(
                 num_cpus=cfg.ray.rollout_cpus, num_gpus=gpu_share, scheduling_strategy=engine_at[i],

@@ -6,14 +6,16 @@
 
 Rows (the same SDFT semantics on both sides: forward KL(teacher || student) over the full vocabulary, EMA teacher
 alpha 0.01, the first 3 completion tokens masked, one completion per prompt, temperature 1, AdamW lr 1e-4 with 2
-warm-up steps then cosine, clipping 1.0, batch = micro-batch, fp32, one torch thread per process):
+warm-up steps then cosine, clipping 1.0, batch = micro-batch, fp32; TRL with one torch thread, sdft with its CPU
+defaults: in strict mode learner and engine each get both cores, as they take turns, in async mode one each):
 
   sdft-strict  this repository, `async.max_staleness=0` (Ray: one vLLM engine actor + one DeepSpeed learner actor)
   sdft-async   the same with `async.max_staleness=1` (generation for step j overlaps the learner's step j - 1)
   trl-vllm     TRL SDFTTrainer, `use_vllm=True, vllm_mode="colocate"` (vLLM in the trainer's process, fp32 engine)
   trl-hf       TRL SDFTTrainer sampling with Hugging Face `generate`
-  sdft-strict-2t  (only with --rows) sdft strict with two threads per process (learner and engine take turns,
-               so each could use both cores) instead of one
+  sdft-strict-1t  (only with --rows) sdft strict with one thread per process instead of both cores per phase
+  sdft-async-l2   (only with --rows) sdft async with two learner threads and one engine thread (the learner
+               shares a core with the engine while both run)
 
 Workloads: `tiny` = `tiny:llama` (the project's random tiny Llama) with 8 prompts x 32 new tokens per step on
 configs/data/tiny.jsonl; `smollm2` = `package:smollm2` (SmolLM2-135M-Instruct) with 4 prompts x 32 new tokens on
@@ -67,8 +69,9 @@ ROWS = {
     "sdft-async": "sdft async (staleness 1)",
     "trl-vllm": "TRL SDFTTrainer + vLLM colocate",
     "trl-hf": "TRL SDFTTrainer + HF generate",
-    # not in the default set: sdft strict with the project's own CPU threading instead of one thread per process
-    "sdft-strict-2t": "sdft strict, 2 threads per process",
+    # not in the default set: other thread layouts than sdft's CPU default
+    "sdft-strict-1t": "sdft strict, 1 thread per process",
+    "sdft-async-l2": "sdft async, 2 learner threads + 1 engine thread",
 }
 DEFAULT_ROWS = ["sdft-strict", "sdft-async", "trl-vllm", "trl-hf"]
 BASE_LABELS = {"trl-vllm": "TRL-vLLM", "trl-hf": "TRL-HF"}  # the rows speed is reported against
@@ -96,7 +99,7 @@ def worker_env() -> dict[str, str]:
 
 def _sdft_worker(row: str, spec: dict) -> dict:
     sys.path.insert(0, str(ROOT))
-    from pipeline.config import CheckpointConfig, RayConfig, load_config
+    from pipeline.config import CheckpointConfig, load_config
     from pipeline.driver import train
 
     out = Path(tempfile.mkdtemp(prefix=f"vs-trl-{row}-"))
@@ -111,11 +114,10 @@ def _sdft_worker(row: str, spec: dict) -> dict:
         "rollout.samples_per_prompt=1", "rollout.temperature=1.0", "rollout.top_p=1.0",
         "teacher.kind=ema", f"teacher.ema_alpha={r['ema_alpha']}", "loss.divergence=forward_kl",
         f"loss.skip_first_tokens={r['skip_first_tokens']}",
-        f"async.max_staleness={1 if row == 'sdft-async' else 0}",
+        f"async.max_staleness={1 if row.startswith('sdft-async') else 0}",
     ]
-    if "learner_threads" in RayConfig.model_fields:  # one thread per process, or both cores' (they take turns)
-        threads = 2 if row == "sdft-strict-2t" else 1
-        overrides += [f"ray.learner_threads={threads}", f"ray.rollout_threads={threads}"]
+    overrides += {"sdft-strict-1t": ["ray.learner_threads=1", "ray.rollout_threads=1"],
+                  "sdft-async-l2": ["ray.learner_threads=2", "ray.rollout_threads=1"]}.get(row, [])
     if "final" in CheckpointConfig.model_fields:  # the end-of-run checkpoint, when it can be turned off
         overrides.append("checkpoint.final=false")
     cfg = load_config(SMOKE, overrides)
@@ -132,7 +134,7 @@ def _sdft_worker(row: str, spec: dict) -> dict:
         s.update({f"sync.{k}": v for k, v in rec.get("sync", {}).items() if isinstance(v, (int, float))})
         split.append(s)
     return {"step_ends": step_ends, "split": split, "losses": [rec["loss"] for rec in records],
-            "checkpoint_final_off": "final" in CheckpointConfig.model_fields, "threads_pinned_to_1": one_thread}
+            "checkpoint_final_off": "final" in CheckpointConfig.model_fields}
 
 
 def _trl_worker(row: str, spec: dict) -> dict:

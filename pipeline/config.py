@@ -329,10 +329,11 @@ class RayConfig(_Section):
     learner_cpus: float = Field(1.0, gt=0.0, description="CPUs per learner rank")
     rollout_cpus: float = Field(1.0, gt=0.0, description="CPUs per rollout engine")
     learner_threads: int | None = Field(
-        None, ge=1, description="torch threads of each learner rank; None: learner_cpus (on CPU in strict mode, where "
-        "learner and engine take turns, learner_cpus + rollout_cpus is an option: measured no faster here)")
+        None, ge=1, description="torch threads of each learner rank; None: learner_cpus, except on one CPU-only node "
+        "in strict mode, where learner and engines take turns: then all the run's CPUs, split among the ranks")
     rollout_threads: int | None = Field(
-        None, ge=1, description="threads of each vLLM engine on CPU; None: rollout_cpus")
+        None, ge=1, description="threads of each vLLM engine on CPU; None: rollout_cpus, or in strict mode on one "
+        "CPU-only node all the run's CPUs, split among the engines")
     learner_resources: dict[str, float] = Field(
         default_factory=dict,
         description='extra Ray resources each learner bundle asks for, e.g. {"learner_node": 1} to pin the role to '
