@@ -16,6 +16,10 @@ defaults: in strict mode learner and engine each get both cores, as they take tu
   sdft-strict-1t  (only with --rows) sdft strict with one thread per process instead of both cores per phase
   sdft-async-l2   (only with --rows) sdft async with two learner threads and one engine thread (the learner
                shares a core with the engine while both run)
+  floor-1t, floor-2t  (only with --rows) sdft's own learner and vLLM engine in one process with 1 or 2 threads,
+               no Ray, no weight sync: generation then the learner step, the compute no layout removes. Its
+               learner column is the async floor (one core each); generation + learner at 2 threads is the strict
+               floor on two cores
 
 Workloads: `tiny` = `tiny:llama` (the project's random tiny Llama) with 8 prompts x 32 new tokens per step on
 configs/data/tiny.jsonl; `smollm2` = `package:smollm2` (SmolLM2-135M-Instruct) with 4 prompts x 32 new tokens on
@@ -72,6 +76,9 @@ ROWS = {
     # not in the default set: other thread layouts than sdft's CPU default
     "sdft-strict-1t": "sdft strict, 1 thread per process",
     "sdft-async-l2": "sdft async, 2 learner threads + 1 engine thread",
+    # the floor: sdft's learner and engine in one process, no Ray and no sync, taking turns (see _floor_worker)
+    "floor-1t": "floor: generate + learner step in one process, 1 thread",
+    "floor-2t": "floor: generate + learner step in one process, 2 threads",
 }
 DEFAULT_ROWS = ["sdft-strict", "sdft-async", "trl-vllm", "trl-hf"]
 BASE_LABELS = {"trl-vllm": "TRL-vLLM", "trl-hf": "TRL-HF"}  # the rows speed is reported against
@@ -97,12 +104,9 @@ def worker_env() -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------------- workers
 
 
-def _sdft_worker(row: str, spec: dict) -> dict:
-    sys.path.insert(0, str(ROOT))
+def _sdft_config(row: str, spec: dict, out: Path):
     from pipeline.config import CheckpointConfig, load_config
-    from pipeline.driver import train
 
-    out = Path(tempfile.mkdtemp(prefix=f"vs-trl-{row}-"))
     r, n = RECIPE, spec["batch"]
     overrides = [
         f"output_dir={out}", f"model.path={spec['model_spec']}", "model.dtype=float32",
@@ -120,7 +124,16 @@ def _sdft_worker(row: str, spec: dict) -> dict:
                   "sdft-async-l2": ["ray.learner_threads=2", "ray.rollout_threads=1"]}.get(row, [])
     if "final" in CheckpointConfig.model_fields:  # the end-of-run checkpoint, when it can be turned off
         overrides.append("checkpoint.final=false")
-    cfg = load_config(SMOKE, overrides)
+    return load_config(SMOKE, overrides)
+
+
+def _sdft_worker(row: str, spec: dict) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from pipeline.config import CheckpointConfig
+    from pipeline.driver import train
+
+    out = Path(tempfile.mkdtemp(prefix=f"vs-trl-{row}-"))
+    cfg = _sdft_config(row, spec, out)
     step_ends: list[float] = []
     try:
         train(cfg, on_step=lambda step, actors: step_ends.append(time.time()))
@@ -135,6 +148,43 @@ def _sdft_worker(row: str, spec: dict) -> dict:
         split.append(s)
     return {"step_ends": step_ends, "split": split, "losses": [rec["loss"] for rec in records],
             "checkpoint_final_off": "final" in CheckpointConfig.model_fields}
+
+
+def _floor_worker(row: str, spec: dict) -> dict:
+    """The compute no layout removes: sdft's own learner (DeepSpeed, the same loss and EMA teacher) and vLLM engine
+    in this one process, no Ray, no weight sync, taking turns: generate the step's completions, then the learner
+    step on them, with `threads` torch/OpenMP threads. Its split is the learner's compute alone (the async floor
+    on one core each) and generation alone."""
+    sys.path.insert(0, str(ROOT))
+    threads = 2 if row == "floor-2t" else 1
+    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TRITON_INTERPRET="1")
+    import torch
+
+    torch.set_num_threads(threads)
+    from transformers import AutoTokenizer
+
+    from actors.learner import Learner
+    from actors.messages import Sample
+    from actors.net import free_port
+    from actors.rollout import RolloutEngine
+    from pipeline.data import batch_indices, load_splits
+
+    cfg = _sdft_config("sdft-strict", spec, Path(tempfile.mkdtemp(prefix="vs-trl-floor-")))
+    train_set, _ = load_splits(cfg, AutoTokenizer.from_pretrained(spec["model_path"]))
+    engine = RolloutEngine(spec["model_path"], cfg.model_dump())
+    learner = Learner(cfg.model_dump(), spec["model_path"], spec["steps"], master_port=free_port())
+    step_ends, split, losses = [], [], []
+    for step in range(spec["steps"]):
+        batch = [train_set[i] for i in batch_indices(step, cfg.train.batch_size, len(train_set), cfg.train.seed, True)]
+        t0 = time.perf_counter()
+        outs = engine.generate([ex.student_ids for ex in batch], max_new_tokens=cfg.rollout.max_new_tokens,
+                               temperature=cfg.rollout.temperature)
+        t1 = time.perf_counter()
+        m = learner.step([Sample(ex.student_ids, o.token_ids, ex.teacher_ids, o.logprobs) for ex, o in zip(batch, outs)])
+        split.append({"rollout": t1 - t0, "learner": time.perf_counter() - t1})
+        step_ends.append(time.time())
+        losses.append(m.loss)
+    return {"step_ends": step_ends, "split": split, "losses": losses, "threads": torch.get_num_threads()}
 
 
 def _trl_worker(row: str, spec: dict) -> dict:
@@ -234,7 +284,8 @@ def _trl_worker(row: str, spec: dict) -> dict:
 
 def run_worker(row: str, spec_file: str, result_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
-    res = (_sdft_worker if row.startswith("sdft") else _trl_worker)(row, spec)
+    worker = {"sdft": _sdft_worker, "floor": _floor_worker, "trl": _trl_worker}[row.split("-")[0]]
+    res = worker(row, spec)
     res["versions"] = _versions()
     Path(result_file).write_text(json.dumps(res))
 
@@ -377,7 +428,7 @@ def table(model: str, results: list[dict], rows: list[str], warmup: int) -> str:
         cells = [ROWS[row], f"{s:.3f} ({lo:.3f}–{hi:.3f})", *[f"{med[b] / s:.2f}×" for b in bases],
                  f"{t:.1f} ({tlo:.1f}–{thi:.1f})", _split_text(split), f"{len(runs)}/{len(runs) + n_fail}"]
         lines.append("| " + " | ".join(cells) + " |")
-    states = sorted({r["code"] for r in results if r["row"].startswith("sdft")})
+    states = sorted({r["code"] for r in results if not r["row"].startswith("trl")})
     if len(states) > 1:
         lines.append(f"\nWARNING: the sdft code changed during this benchmark ({', '.join(states)}); rerun it.")
     return "\n".join(lines)

@@ -93,3 +93,18 @@ def test_batch_must_split_over_learner_ranks():
     cfg = load_config(SMOKE, ["train.batch_size=8", "train.micro_batch_size=2", "ray.learner_ranks=2",
                               "rollout.samples_per_prompt=2"])
     assert cfg.sequences_per_step == 16
+
+
+def test_thread_counts_per_phase():
+    """Each role's own CPUs, except strict mode on one CPU-only node: every CPU of the run, split among the role's
+    processes; the ray.*_threads keys override."""
+    from actors.launcher import thread_counts
+
+    def counts(*overrides, gpu=False, nodes=1):
+        return thread_counts(load_config(SMOKE, list(overrides)), gpu, nodes)
+
+    assert counts() == (2, 2)  # 1 learner CPU + 1 engine CPU, taking turns
+    assert counts("async.max_staleness=1") == (1, 1)  # they overlap
+    assert counts(gpu=True) == (1, 1) and counts(nodes=2) == (1, 1)
+    assert counts("ray.learner_ranks=2", "train.batch_size=8", "rollout.num_engines=2", "ray.learner_cpus=2") == (3, 3)
+    assert counts("ray.learner_threads=1", "ray.rollout_threads=3") == (1, 3)
