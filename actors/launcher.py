@@ -245,7 +245,7 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, lo
     ]
     engines = []
     if with_engines:
-        engine_vars = {**env, **engine_env(cfg.rollout.cpu_kv_cache_gib),
+        engine_vars = {**env, **engine_env(cfg.rollout),
                        **_thread_env(engine_threads)}
         engines = [
             ray.remote(RolloutEngine).options(

@@ -22,9 +22,12 @@ ENGINE_ENV = {
 }
 
 
-def engine_env(cpu_kv_cache_gib: int) -> dict[str, str]:
-    """Environment the rollout actor's process needs before `import vllm`."""
-    return {**ENGINE_ENV, "VLLM_CPU_KVCACHE_SPACE": str(cpu_kv_cache_gib)}
+def engine_env(rollout) -> dict[str, str]:
+    """Environment the rollout actor's process needs before `import vllm` (`rollout`: the config's section).
+    An eager engine (`rollout.enforce_eager`) also runs vLLM's few compiled helpers eagerly: the one the sampler
+    calls for log-probs costs 3.4 s of tracing on the first generate (SmolLM2, CPU), then no faster than eager."""
+    eager = {"TORCHDYNAMO_DISABLE": "1"} if rollout.enforce_eager else {}
+    return {**ENGINE_ENV, **eager, "VLLM_CPU_KVCACHE_SPACE": str(rollout.cpu_kv_cache_gib)}
 
 
 class RolloutEngine:
@@ -33,16 +36,16 @@ class RolloutEngine:
     def __init__(self, model_path: str, cfg: dict, engine_index: int = 0, sleep_mode: bool = False,
                  log_dir: str | None = None):
         redirect_output(log_dir, f"engine-{engine_index}")
-        for k, v in engine_env(cfg["rollout"]["cpu_kv_cache_gib"]).items():
+        from pipeline.config import Config
+
+        self.cfg = cfg = Config.model_validate(cfg)
+        for k, v in engine_env(cfg.rollout).items():
             os.environ.setdefault(k, v)
         import torch
         from vllm import LLM
 
-        from pipeline.config import Config
-
         drop_expected_vllm_warnings()
 
-        self.cfg = cfg = Config.model_validate(cfg)
         on_gpu = torch.cuda.is_available()
         kwargs = dict(
             model=model_path, dtype=cfg.model.resolved_dtype(on_gpu), seed=cfg.train.seed + engine_index, max_model_len=cfg.model.max_model_len,

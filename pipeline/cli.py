@@ -137,7 +137,7 @@ def _eval(args) -> dict:
     _, eval_set = load_splits(cfg, tokenizer)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     engine = ray.remote(RolloutEngine).options(
-        num_cpus=cfg.ray.rollout_cpus, runtime_env={"env_vars": engine_env(cfg.rollout.cpu_kv_cache_gib)}
+        num_cpus=cfg.ray.rollout_cpus, runtime_env={"env_vars": engine_env(cfg.rollout)}
     ).remote(str(model_dir), cfg.model_dump(), log_dir=str(_eval_log_dir(ckpt)))
     try:
         result = evaluate([engine], eval_set, tokenizer, cfg)

@@ -317,7 +317,7 @@ def test_merged_export_loads_in_hf_and_vllm_and_generates_like_the_adapter(lora_
     assert _hf_greedy(AutoModelForCausalLM.from_pretrained(out), PROMPTS) == want
     cfg = load_config(SMOKE, [f"model.path={out}"])  # LoRA off: a plain model
     engine = ray_session.remote(RolloutEngine).options(
-        num_cpus=0.5, runtime_env={"env_vars": engine_env(1)}).remote(str(out), cfg.model_dump())
+        num_cpus=0.5, runtime_env={"env_vars": engine_env(cfg.rollout)}).remote(str(out), cfg.model_dump())
     try:
         got = ray_session.get(engine.generate.remote(PROMPTS, max_new_tokens=8, temperature=0.0))
     finally:

@@ -43,7 +43,7 @@ def test_smollm2_converts_and_generates_in_vllm(ray_session):
     run_cfg = load_config("configs/smollm2-knowledge.yaml", ["model.max_model_len=256"])
     prompt = encode_context(tok, [{"role": "user", "content": "What is the capital of France?"}])
     engine = ray.remote(RolloutEngine).options(
-        num_cpus=1, runtime_env={"env_vars": engine_env(run_cfg.rollout.cpu_kv_cache_gib)}
+        num_cpus=1, runtime_env={"env_vars": engine_env(run_cfg.rollout)}
     ).remote(path, run_cfg.model_dump())
     try:
         out = ray.get(engine.generate.remote([prompt], max_new_tokens=16, temperature=0.0))[0]
