@@ -10,23 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from samples import learner_samples
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
-
-
-def _samples(n=4, logprob=-6.0):
-    g = torch.Generator().manual_seed(1)
-    out = []
-    from actors.messages import Sample
-
-    for i in range(n):
-        x = torch.randint(3, 380, (4 + i,), generator=g).tolist()
-        c = torch.randint(3, 380, (3,), generator=g).tolist()
-        y = torch.randint(3, 380, (5 + i % 2,), generator=g).tolist() + [2]  # 2 = <|im_end|> (EOS)
-        out.append(Sample(student_ids=x, completion_ids=y, teacher_ids=c + x, logprobs=[logprob] * len(y)))
-    return out
 
 
 def _learner(model, *overrides):
@@ -64,7 +52,7 @@ def test_bf16_learner_trains_student_and_ema_teacher(tiny_model, stage, lora):
     teacher0, student0 = _teacher(learner), _trainable(learner)
     # the EMA is kept in float32 (see teacher.py), next to the student
     assert all(v.dtype == torch.float32 and v.device.type == "cuda" for v in teacher0.values())
-    metrics = [learner.step(_samples()) for _ in range(3)]
+    metrics = [learner.step(learner_samples()) for _ in range(3)]
     for m in metrics:
         assert all(torch.isfinite(torch.tensor(v)) for v in (m.loss, m.kl, m.grad_norm, m.is_weight_mean)), m
         assert m.skipped == 0 and m.grad_norm > 0
@@ -78,7 +66,7 @@ def test_bf16_learner_trains_student_and_ema_teacher(tiny_model, stage, lora):
 
 def test_bf16_loss_backends_agree(tiny_model):
     """torch, compiled Triton and the fused-linear kernel give the same first-step loss in bf16."""
-    losses = {b: _learner(tiny_model, f"loss.backend={b}", "loss.chunk_size=7").step(_samples()).loss
+    losses = {b: _learner(tiny_model, f"loss.backend={b}", "loss.chunk_size=7").step(learner_samples()).loss
               for b in ("torch", "triton", "fused_linear")}
     assert losses["triton"] == pytest.approx(losses["torch"], rel=2e-2), losses
     assert losses["fused_linear"] == pytest.approx(losses["torch"], rel=2e-2), losses
@@ -90,8 +78,8 @@ def test_bf16_nonfinite_step_is_skipped(tiny_model, stage):
     check_grad_overflow. The weights stay bit-identical, and the next good step trains."""
     learner = _learner(tiny_model, f"train.zero_stage={stage}", "train.on_nonfinite=skip")
     before = _trainable(learner)
-    bad = learner.step(_samples(logprob=float("nan")))
+    bad = learner.step(learner_samples(logprob=float("nan")))
     assert bad.skipped == 1
     assert all(torch.equal(before[n], v) for n, v in _trainable(learner).items())
-    good = learner.step(_samples())
+    good = learner.step(learner_samples())
     assert good.skipped == 0 and _moved(before, _trainable(learner)) > 0

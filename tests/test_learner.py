@@ -7,25 +7,14 @@ import torch
 
 from actors.net import free_port
 from actors.learner import Learner
-from actors.messages import Sample
 from actors.weight_sync.object_store import bucket_tensors
 from pipeline.config import load_config
+from samples import learner_samples
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")  # the tiny-model smoke config
 
 
 pytestmark = pytest.mark.slow
-
-
-def _samples(n=4):
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for i in range(n):
-        x = torch.randint(3, 380, (4 + i,), generator=g).tolist()
-        c = torch.randint(3, 380, (3,), generator=g).tolist()
-        y = torch.randint(3, 380, (5 + i % 2,), generator=g).tolist() + [2]  # 2 = <|im_end|> (EOS)
-        out.append(Sample(student_ids=x, completion_ids=y, teacher_ids=c + x, logprobs=[-6.0] * len(y)))
-    return out
 
 
 def _run(ray, model, *overrides, steps=2):
@@ -34,7 +23,7 @@ def _run(ray, model, *overrides, steps=2):
     actor = ray.remote(Learner).options(num_cpus=1, runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}}).remote(
         cfg.model_dump(), model, 10, master_port=free_port())
     try:
-        metrics = [ray.get(actor.step.remote(_samples())).as_dict() for _ in range(steps)]
+        metrics = [ray.get(actor.step.remote(learner_samples())).as_dict() for _ in range(steps)]
         ray.get(actor.open_sync.remote("object_store"))
         stream = actor.sync_stream.options(num_returns="streaming").remote("export")
         return metrics, dict(t for ref in stream for t in bucket_tensors(ray.get(ref)))
@@ -86,7 +75,7 @@ def test_on_nonfinite_skip_leaves_the_weights_and_training_goes_on(ray_session, 
 
     try:
         ray_session.get(actor.open_sync.remote("object_store"))
-        good = _samples()
+        good = learner_samples()
         bad = [dataclasses.replace(s, logprobs=[float("nan")] * len(s.logprobs)) for s in good]
         before = weights()
         skipped = ray_session.get(actor.step.remote(bad))
