@@ -59,9 +59,9 @@ def test_dft_loss_equals_a_float64_reference(ray_session, tiny_model):
     from actors.learner import Learner
     from actors.net import free_port
 
-    from tests.test_learner import _samples
+    from samples import learner_samples
 
-    samples = _samples()  # sampling logprobs far below the learner's: an IS weight would double the loss
+    samples = learner_samples()  # sampling logprobs far below the learner's: an IS weight would double the loss
 
     def first_loss(*overrides):
         cfg = _cfg("train.lr=1e-2", "train.warmup_steps=0", "loss.skip_first_tokens=1", *overrides)

@@ -157,14 +157,14 @@ def _learner_run(ray, model, *overrides, steps=2):
     from actors.net import free_port
     from actors.weight_sync.object_store import bucket_tensors
 
-    from tests.test_learner import _samples
+    from samples import learner_samples
 
     cfg = load_config(SMOKE, ["model.lora.r=8", "train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-2",
                               "train.warmup_steps=0", "loss.skip_first_tokens=1", *overrides])
     actor = ray.remote(Learner).options(num_cpus=1, runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}}).remote(
         cfg.model_dump(), model, 10, master_port=free_port())
     try:
-        metrics = [ray.get(actor.step.remote(_samples())).as_dict() for _ in range(steps)]
+        metrics = [ray.get(actor.step.remote(learner_samples())).as_dict() for _ in range(steps)]
         ray.get(actor.open_sync.remote("lora"))
         exported = ray.get(actor.sync.remote("export"))
         return metrics, dict(bucket_tensors(exported["tensors"])), exported["config"]
