@@ -203,15 +203,17 @@ def test_unexpected_error_is_one_line_with_the_traceback_in_driver_log(tmp_path,
 def test_ctrl_c_stops_with_one_line_and_a_resume_command(tmp_path):
     tmp = Path(tempfile.mkdtemp(prefix="sdft-t-", dir="/tmp"))  # the run's TMPDIR (short, for Ray's sockets)
     out = tmp_path / "run"
-    # far more steps than run before the signal (the tiny model trains at ~10 steps/s): the interrupt lands mid-run
-    args = ["train", SMOKE, "--output", str(out), "--steps", "2000", "train.batch_size=4", "train.micro_batch_size=2",
+    # more steps than run before the signal (the tiny model trains at ~10 steps/s): the interrupt lands mid-run
+    args = ["train", SMOKE, "--output", str(out), "--steps", "400", "train.batch_size=4", "train.micro_batch_size=2",
             "rollout.max_new_tokens=8", "eval.max_new_tokens=4", "data.eval_size=2", "ray.num_cpus=2",
             "checkpoint.every=1", "logging.wandb=false"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TMPDIR": str(tmp)}
     err_file = tmp_path / "stderr.txt"
     with err_file.open("w") as err, (tmp_path / "stdout.txt").open("w") as stdout:
+        # a terminal's Ctrl-C, also when these tests run in a background job (which starts with SIGINT ignored,
+        # and a Python that starts so never raises KeyboardInterrupt)
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, stdout=stdout,
-                                stderr=err)
+                                stderr=err, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 600
         while not list(out.glob("step_*")) and proc.poll() is None and time.monotonic() < deadline:
