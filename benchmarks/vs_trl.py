@@ -175,7 +175,8 @@ def _floor_worker(row: str, spec: dict) -> dict:
     learner = Learner(cfg.model_dump(), spec["model_path"], spec["steps"], master_port=free_port())
     step_ends, split, losses = [], [], []
     for step in range(spec["steps"]):
-        batch = [train_set[i] for i in batch_indices(step, cfg.train.batch_size, len(train_set), cfg.train.seed, True)]
+        batch = [train_set[i] for i in batch_indices(step, cfg.train.batch_size, len(train_set), cfg.train.seed,
+                                                 cfg.data.shuffle)]
         t0 = time.perf_counter()
         outs = engine.generate([ex.student_ids for ex in batch], max_new_tokens=cfg.rollout.max_new_tokens,
                                temperature=cfg.rollout.temperature)
