@@ -187,25 +187,37 @@ def _placements(cfg, gpu: bool) -> tuple[list, list, list]:
     return [at(learn_pg, i) for i in range(m)], [at(roll_pg, i) for i in range(n)], [learn_pg, roll_pg]
 
 
-def thread_counts(cfg, gpu: bool, nodes: int) -> tuple[int, int]:
-    """Threads of each learner rank and each engine: the role's own CPUs, except on a single CPU-only node in
-    strict mode (`async.max_staleness=0`). There the learner ranks and the engines take turns, so whichever phase
-    runs gets every core reserved for the run, split among that role's processes: on 2 cores the learner step and
-    generation each run on both (benchmarks/README.md). `ray.learner_threads` / `ray.rollout_threads` override."""
+def thread_counts(cfg, gpu: bool, nodes: int) -> tuple[int, int, bool]:
+    """(threads of each learner rank, threads of each engine, whether the learners' OpenMP threads wait passively).
+
+    The role's own CPUs, except on a single CPU-only node, where the run's cores are shared by turns
+    (benchmarks/README.md has the measurements on 2 cores):
+    * strict mode (`async.max_staleness=0`): learner ranks and engines take turns, so each phase gets every core
+      reserved for the run, split among that role's processes;
+    * async mode: engines keep their own cores, and the learner ranks get every core too, split among them: an
+      engine is idle between generations, and its core then goes to the learner. While it generates, the learner's
+      threads outnumber their cores, so they wait passively (OMP_WAIT_POLICY=PASSIVE: a thread that reaches a
+      barrier early sleeps instead of spinning on the core the engine or its sibling needs).
+    `ray.learner_threads` / `ray.rollout_threads` override the counts."""
     r = cfg.ray
     m, n = r.learner_ranks, cfg.rollout.num_engines
     learner, engine = max(1, int(r.learner_cpus)), max(1, int(r.rollout_cpus))
-    if not gpu and nodes == 1 and cfg.async_.max_staleness == 0 and n:
-        pool = m * r.learner_cpus + n * r.rollout_cpus
-        learner, engine = max(1, int(pool // m)), max(1, int(pool // n))
-    return r.learner_threads or learner, r.rollout_threads or engine
+    shared = not gpu and nodes == 1 and n > 0
+    pool = m * r.learner_cpus + n * r.rollout_cpus
+    if shared:
+        learner = max(1, int(pool // m))
+        if cfg.async_.max_staleness == 0:
+            engine = max(1, int(pool // n))
+    learner, engine = r.learner_threads or learner, r.rollout_threads or engine
+    overlapping = shared and cfg.async_.max_staleness > 0 and m * learner + n * engine > pool
+    return learner, engine, overlapping
 
 
-def _thread_env(n: int) -> dict[str, str]:
+def _thread_env(n: int, passive: bool = False) -> dict[str, str]:
     """Set before the process imports torch or vLLM, for both pools: OpenMP's (torch's own kernels, vLLM's CPU
     kernels) and MKL's (torch's CPU matrix products), which would otherwise keep an MKL_NUM_THREADS=1 inherited
     from the driver's environment and run every GEMM on one thread."""
-    return {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
+    return {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), **({"OMP_WAIT_POLICY": "PASSIVE"} if passive else {})}
 
 
 def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, log_dir: str | None = None) -> Actors:
@@ -220,13 +232,13 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, lo
     colocated = cfg.ray.placement == "colocated"
     gpu_share = (0.5 if colocated else 1) if gpu else 0
     learner_at, engine_at, pgs = _placements(cfg, gpu)
-    learner_threads, engine_threads = thread_counts(cfg, gpu, len([x for x in ray.nodes() if x["Alive"]]))
+    learner_threads, engine_threads, passive = thread_counts(cfg, gpu, len([x for x in ray.nodes() if x["Alive"]]))
     env = _passthrough_env()
     cfg_dict = cfg.model_dump()
 
     # TRITON_INTERPRET must be set before triton is imported; only a CPU learner needs it.
     learner_env = {**env, **({} if gpu else {"TRITON_INTERPRET": "1"}),
-                   **_thread_env(learner_threads)}
+                   **_thread_env(learner_threads, passive)}
     store = None
     if is_private():  # torch's own store server would listen on every interface: serve it here, on loopback
         store, port = loopback_store()
@@ -236,7 +248,7 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, lo
         addr, port = ray.get(_rendezvous.options(scheduling_strategy=learner_at[0]).remote())
     m = cfg.ray.learner_ranks
     learners = [
-        ray.remote(Learner).options(
+        ray.remote(concurrency_groups={"sync": 1})(Learner).options(  # sync: an export next to a step
             num_cpus=cfg.ray.learner_cpus, num_gpus=gpu_share, scheduling_strategy=learner_at[rank],
             runtime_env={"env_vars": learner_env},
         ).remote(cfg_dict, model_path, total_steps, rank=rank, world_size=m, master_addr=addr, master_port=port,
