@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -21,6 +22,9 @@ from .logs import redirect_output
 from .loss import LossOutput, TokenLayout, sdft_loss, sft_loss, token_logprobs
 from .messages import Sample, StepMetrics
 from .teacher import Teacher
+
+
+EXPORT_TIMEOUT_S = 600
 
 
 class Learner:
@@ -72,6 +76,8 @@ class Learner:
             config=self._ds_config(per_rank), dist_init_required=False,
         )
         self.sender = None  # this rank's end of the weight sync (open_sync)
+        self._exported = threading.Condition()  # async mode: the newest weight version exported (sync_stream)
+        self._exported_version = -1
         self.model_path = model_path
         self._base = None  # kl_to_base's copy of the base model, loaded on first use when nothing else is the base
 
@@ -137,9 +143,11 @@ class Learner:
             skip_first_tokens=cfg.loss.skip_first_tokens, is_cap=cfg.is_cap,
         )
 
-    def step(self, samples: list[Sample]) -> StepMetrics:
+    def step(self, samples: list[Sample], hold: int | None = None) -> StepMetrics:
         """One optimizer step over this rank's samples (micro-batched; DeepSpeed accumulates), then the teacher
-        update."""
+        update. With `hold`, the current weights are being exported as that version next to this step (async mode:
+        `sync_stream` in the actor's `sync` concurrency group): forward and backward run meanwhile, the update waits
+        for the export to finish."""
         self.engine.train()
         mb = self.cfg.train.micro_batch_size
         micro_batches = [samples[i : i + mb] for i in range(0, len(samples), mb)]
@@ -153,6 +161,8 @@ class Learner:
             if self.engine.is_gradient_accumulation_boundary() and self.cfg.train.zero_stage == 0:
                 grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 does not record it; before clipping
                 skip = self.cfg.train.on_nonfinite == "skip" and not math.isfinite(grad_norm)
+            if hold is not None and self.engine.is_gradient_accumulation_boundary():
+                self._await_export(hold)
             with _without_optimizer_step(self.engine.optimizer) if skip else contextlib.nullcontext():
                 self.engine.step()  # the step's bookkeeping (schedule, counters, zeroed gradients) still happens
             loss += out.loss.item() / len(micro_batches)
@@ -184,9 +194,23 @@ class Learner:
         """Run one step of the weight sync's learner side; the driver's `WeightSync` decides which."""
         return getattr(self.sender, op)(*args)
 
-    def sync_stream(self, op: str, *args):
-        """The same for a step that yields its result in parts (called with num_returns="streaming")."""
-        yield from getattr(self.sender, op)(*args)
+    def sync_stream(self, op: str, *args, version: int | None = None):
+        """The same for a step that yields its result in parts (called with num_returns="streaming"). With
+        `version`, it reads the weights out as that version, and a `step(..., hold=version)` running next to it
+        updates them once it is done (done means returned or failed: a failure reaches the driver with the stream)."""
+        try:
+            yield from getattr(self.sender, op)(*args)
+        finally:
+            if version is not None:
+                with self._exported:
+                    self._exported_version = max(self._exported_version, version)
+                    self._exported.notify_all()
+
+    def _await_export(self, version: int) -> None:
+        with self._exported:
+            if not self._exported.wait_for(lambda: self._exported_version >= version, timeout=EXPORT_TIMEOUT_S):
+                raise RuntimeError(f"the export of weight version {version} did not finish within "
+                                   f"{EXPORT_TIMEOUT_S}s; the update waiting for it is not applied")
 
     @torch.no_grad()
     def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

@@ -175,9 +175,13 @@ def train(cfg: Config, resume: bool | str = False, on_step: Callable[[int, Actor
                     samples = [Sample(ex.student_ids, ex.demo_ids) for ex in batch_for_step(step)]
             rollouts.sleep()
             with timed(timings, "learner"):
-                try:
-                    per_rank = ray.get([lr.step.remote(part) for lr, part in
-                                        zip(actors.learners, shard(samples, len(actors.learners)))])
+                try:  # rank 0 exports the weights; async: maybe still, next to its step (see RolloutScheduler)
+                    holds = [rollouts.exporting] + [None] * (len(actors.learners) - 1)
+                    calls = [lr.step.remote(part, hold) for lr, part, hold in
+                             zip(actors.learners, shard(samples, len(actors.learners)), holds)]
+                    if cfg.train.distills:
+                        rollouts.prefetch(step)  # async: the next steps' generation runs while the learner steps
+                    per_rank = ray.get(calls)
                 except RayActorError as e:
                     if saving is not None:  # a checkpoint saved before the failed step is still good: publish it
                         summary["checkpoint"] = _finish_if_saved(saving, cfg.checkpoint.keep_last)

@@ -3,8 +3,8 @@ weights pushed to every engine, and crashed engines restarted, re-synced and ask
 
 Generation for step j is submitted while the learner works on step j - k (k = async.max_staleness), so it
 runs on weights at most k versions old; every sample carries the version that produced it. Engines execute
-calls in order, so a weight push queued behind in-flight generation lands after it. With k = 0 this is the
-strict on-policy loop: generate, train, sync.
+calls in order, so a weight push queued behind in-flight generation lands after it, and generation submitted after a
+push started lands behind its weights. With k = 0 this is the strict on-policy loop: generate, train, sync.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class RolloutScheduler:
         self.version = 0  # weight version the engines hold (= optimizer steps taken)
         self.restarts = 0
         self._push = None  # a push in flight (async mode overlaps it with the learner's next step)
+        self._held = False  # that push's export may still be running next to the learner (not yet forwarded)
 
     # ---- weights -------------------------------------------------------------------------------------------
     def push(self, version: int) -> dict:
@@ -58,18 +59,34 @@ class RolloutScheduler:
         return self.wait_push()
 
     def push_async(self, version: int) -> None:
-        """Start sending `version`. The learner's next step may run meanwhile: its weights are exported before it
-        starts (an actor runs one caller's calls in order), and engines load before their next generation."""
+        """Start sending `version`; the learner's next step may run meanwhile. Where the sync overlaps, the export
+        runs next to that step (which gets hold=`exporting`) and the engines get the weights before their next
+        generation, eval or `wait_push`; otherwise the step starts once the export is done (an actor runs one
+        caller's calls in order) and the engines get the weights now."""
         self.version = version
         if self.actors.colocated:
             ray.get([e.wake_up.remote() for e in self.actors.engines])
         self._push = self.actors.sync.submit(version)
+        self._held = self.actors.sync.overlaps
+        if not self._held:
+            self._forward()
+
+    @property
+    def exporting(self) -> int | None:
+        """The version the learner may still be exporting: its next step's `hold` (None: nothing to wait for)."""
+        return self.version if self._held else None
+
+    def _forward(self) -> None:
+        """Hand the push in flight to the engines: what they are asked afterwards runs on the new weights."""
+        if self._push is not None:
+            self.actors.sync.forward(self._push)
+            self._held = False
 
     def wait_push(self) -> dict:
         """The stats of the push in flight ({} if none); engines that died meanwhile are awaited and re-synced."""
         if self._push is None:
             return {}
-        pending, self._push = self._push, None
+        pending, self._push, self._held = self._push, None, False
         try:
             return self.actors.sync.collect(pending)
         except RayActorError:
@@ -82,6 +99,7 @@ class RolloutScheduler:
         """Eval and the forgetting monitor score the student. Engines that sample as the frozen teacher (dft) hold
         the initial weights: they get the student's for the duration and the initial ones back after."""
         if self.cfg.engines_follow_student:
+            self._forward()
             yield
             return
         self.push(version)
@@ -126,6 +144,7 @@ class RolloutScheduler:
         return ex.teacher_ids if self.cfg.rollout.context == "teacher" else ex.student_ids
 
     def _submit(self, step: int) -> None:
+        self._forward()  # behind the newest weights
         n = self.cfg.rollout.samples_per_prompt
         prompts = [ex for ex in self.batch_for_step(step) for _ in range(n)]
         job = _Pending(prompts, sample_seeds(self.cfg.train.seed, step, len(prompts)))
@@ -149,12 +168,17 @@ class RolloutScheduler:
                 out[j] = r
         return out
 
-    def take(self, step: int) -> tuple[list[Sample], dict]:
-        """Learner samples for `step`, plus rollout stats; keeps generation up to max_staleness steps ahead."""
-        ahead = self.cfg.async_.max_staleness
-        for j in range(step, min(step + ahead, self.total_steps - 1) + 1):
+    def prefetch(self, step: int) -> None:
+        """Submit generation for the max_staleness steps after `step` (async mode), to run while the learner works
+        on `step`."""
+        for j in range(step + 1, min(step + self.cfg.async_.max_staleness, self.total_steps - 1) + 1):
             if j not in self.pending:
                 self._submit(j)
+
+    def take(self, step: int) -> tuple[list[Sample], dict]:
+        """Learner samples for `step` (generated now unless `prefetch` submitted them earlier), plus rollout stats."""
+        if step not in self.pending:
+            self._submit(step)
         job = self.pending.pop(step)
         outs = self._collect(job)
         samples = [Sample(ex.student_ids, o.token_ids, ex.teacher_ids, o.logprobs, o.weight_version)

@@ -88,3 +88,31 @@ def test_on_nonfinite_skip_leaves_the_weights_and_training_goes_on(ray_session, 
         assert all(torch.isfinite(v).all() for v in after.values())
     finally:
         ray_session.kill(actor)
+
+
+def test_export_runs_next_to_a_step_whose_update_waits_for_it(ray_session, tiny_model):
+    """Async mode's second buffer: the export of version v runs in the learner's `sync` concurrency group while a
+    step called with hold=v runs; that step's update waits until the export is done, so the exported weights are
+    the ones before the step."""
+    cfg = load_config(SMOKE, ["train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-2", "train.warmup_steps=0"])
+    actor = ray_session.remote(concurrency_groups={"sync": 1})(Learner).options(num_cpus=1).remote(
+        cfg.model_dump(), tiny_model, 10, master_port=free_port())
+
+    def export(version=None, group="sync"):
+        stream = actor.sync_stream.options(num_returns="streaming", concurrency_group=group).remote(
+            "export", version=version)
+        return dict(t for ref in stream for t in bucket_tensors(ray_session.get(ref)))
+
+    try:
+        ray_session.get(actor.open_sync.remote("object_store"))
+        before = {k: v.clone() for k, v in export().items()}
+        step = actor.step.remote(learner_samples(), hold=1)
+        ready, _ = ray_session.wait([step], timeout=5)
+        assert not ready  # forward and backward done, the update held: version 1 is not exported yet
+        exported = export(version=1)  # runs while the step waits
+        _close(exported, before, 0.0)
+        assert ray_session.get(step, timeout=60).finite()
+        after = export()
+        assert any(not torch.equal(after[k], before[k]) for k in before)  # then the update was applied
+    finally:
+        ray_session.kill(actor)

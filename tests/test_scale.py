@@ -116,6 +116,14 @@ def test_async_rollouts_bounded_staleness(tmp_path, ray_session, lora):
     assert records[0]["sync"] == {}
     for r in records[1:]:
         assert r["sync"]["bytes"] > 0 and r["sync"]["transport_s"] > 0 and r["sync"]["load_s"] > 0
+    if not lora:
+        # Full weights: the export of version j runs next to step j + 1, whose update waits for it. Pushes that block
+        # instead (sync.check_greedy: each push loads, then the engines' greedy output is compared with the
+        # learner's) give the engines the same versions at the same points: the same samples, the same losses.
+        blocking = tmp_path / "blocking"
+        train(_cfg(blocking, "train.steps=4", "async.max_staleness=1", "sync.check_greedy=true"))
+        assert _losses(blocking) == [r["loss"] for r in records]
+        assert all(r["sync"]["greedy_match"] == 1.0 for r in _records(blocking) if "loss" in r)
 
 
 def test_killed_rollout_engine_is_restarted_and_resynced(tmp_path, reference_run):

@@ -70,6 +70,9 @@ class WeightSync:
         ray.get([lr.open_sync.remote(backend, **options) for lr in learners]
                 + [e.open_sync.remote(backend) for e in engines])
         self.transport = _module(backend).Transport(learners, engines, backend=backend, zero3=zero3)
+        # the export may run next to the learner's next step: full weights through the object store (a ZeRO-3 export
+        # is a collective of every rank, which a step running at the same time would interleave with its own)
+        self.overlaps = backend == "object_store" and not zero3
 
     def push(self, version: int) -> dict:
         """Send the learner's weights as `version` to every engine and wait; returns seconds, bytes and the
@@ -77,10 +80,17 @@ class WeightSync:
         return self.collect(self.submit(version))
 
     def submit(self, version: int):
-        """Start a push without waiting. The learner's next call runs once the weights are taken from it, and
-        each engine's next call once it has loaded them (Ray runs one caller's calls to an actor in order)."""
+        """Start a push without waiting. Where the push `overlaps`, only the learner's export has started (next to
+        whatever the learner runs; a step that must not change the weights meanwhile gets hold=version) and the
+        weights reach the engines at `forward` or `collect`. Otherwise the learner's next call runs once the weights
+        are taken from it, and each engine's next call once it has loaded them (Ray runs one caller's calls to an
+        actor in order)."""
         self.version = version
         return time.perf_counter(), self.transport.submit(version, self.engines)
+
+    def forward(self, pending) -> None:
+        """Hand a started push's weights to the engines: calls made to them afterwards land behind the new weights."""
+        self.transport.forward(pending[1])
 
     def collect(self, pending) -> dict:
         t0, handle = pending

@@ -91,6 +91,9 @@ class Transport:
         transport_s = time.perf_counter() - t0
         return transport_s, [e.sync.remote("load", ref, version) for e in engines]
 
+    def forward(self, handle: tuple) -> None:
+        """Nothing left to hand over: `submit` already gave the engines their calls."""
+
     def collect(self, handle: tuple) -> dict:
         transport_s, loads = handle
         stats = ray.get(loads)

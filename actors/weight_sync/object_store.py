@@ -8,8 +8,10 @@ to vLLM's layerwise reload (`initialize_layerwise_reload` → `model.load_weight
 stale). So the engines load bucket k while the learner puts bucket k + 1. Under ZeRO-3 every rank joins each
 bucket's gather and rank 0 puts it while it is gathered.
 
-The object store holds a pushed version until every engine has loaded it, so the learner may start its next step
-as soon as its export returns (async mode: a second buffer).
+The object store holds a pushed version until every engine has loaded it, so the learner may update its weights as soon
+as its export returns. In async mode the export also runs next to the learner's next step: rank 0 puts the buckets
+from its `sync` concurrency group while the step's forward and backward run, and the step's update waits for the
+export (`Learner.step(hold=version)`); the engines receive the buckets at `forward`, before their next generation.
 """
 
 from __future__ import annotations
@@ -129,28 +131,37 @@ class Receiver:
 
 
 class Transport:
-    """Driver side."""
+    """Driver side. `submit` starts the export, `forward` hands its buckets to the engines as they come, `collect`
+    waits for the engines to load them. The export runs in the learner's `sync` concurrency group: between `submit`
+    and `forward` the driver may start the learner's next step (hold=version), whose update waits for the export."""
 
     def __init__(self, learners: list, engines: list, *, backend: str = "object_store", zero3: bool):
         self.learners, self.zero3 = learners, zero3
 
-    def submit(self, version: int, engines: list) -> tuple:
-        """Stream the export to the engines; returns once the learner has put every bucket (its weights are then
-        free to change), with the engines still loading."""
-        t0 = time.perf_counter()
+    def submit(self, version: int, engines: list) -> dict:
         drains = [lr.sync.remote("drain") for lr in self.learners[1:]] if self.zero3 else []
-        stream = self.learners[0].sync_stream.options(num_returns="streaming").remote("export")
-        calls = [e.sync.remote("begin") for e in engines]
-        for ref in stream:
-            calls += [e.sync.remote("feed", ref) for e in engines]
-        transport_s = time.perf_counter() - t0
-        return transport_s, drains, calls, [e.sync.remote("finish", version) for e in engines]
+        stream = self.learners[0].sync_stream.options(num_returns="streaming", concurrency_group="sync").remote(
+            "export", version=version)
+        return {"version": version, "engines": engines, "drains": drains, "stream": stream, "calls": None}
 
-    def collect(self, handle: tuple) -> dict:
-        transport_s, drains, calls, finishes = handle
-        ray.get(drains + calls)
-        stats = ray.get(finishes)
-        return {"bytes": stats[0]["bytes"], "transport_s": transport_s, "load_s": max(s["load_s"] for s in stats)}
+    def forward(self, push: dict) -> None:
+        """Stream the export to the engines (once); returns when the learner has put every bucket, with the engines
+        still loading. Calls made to the engines after this land behind the new weights."""
+        if push["calls"] is not None:
+            return
+        t0, engines = time.perf_counter(), push["engines"]
+        calls = [e.sync.remote("begin") for e in engines]
+        for ref in push["stream"]:
+            calls += [e.sync.remote("feed", ref) for e in engines]
+        push["transport_s"] = time.perf_counter() - t0
+        push["calls"], push["finishes"] = calls, [e.sync.remote("finish", push["version"]) for e in engines]
+
+    def collect(self, push: dict) -> dict:
+        self.forward(push)
+        ray.get(push["drains"] + push["calls"])
+        stats = ray.get(push["finishes"])
+        return {"bytes": stats[0]["bytes"], "transport_s": push["transport_s"],
+                "load_s": max(s["load_s"] for s in stats)}
 
     def resync(self, engines: list, version: int) -> dict:
         """A restarted engine holds the base weights: send it the current ones."""

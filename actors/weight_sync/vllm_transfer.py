@@ -201,6 +201,9 @@ class Transport:
         return nbytes, [e.sync.remote("receive", update_info, version) for e in engines], \
             [lr.sync.remote("send") for lr in senders]
 
+    def forward(self, handle: tuple) -> None:
+        """Nothing left to hand over: `submit` already gave the engines their calls."""
+
     def collect(self, handle: tuple) -> dict:
         nbytes, receives, sends = handle
         stats = ray.get(receives)
