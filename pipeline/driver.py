@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -16,7 +17,7 @@ from typing import Callable
 import ray
 from ray.exceptions import RayActorError
 
-from actors.launcher import Actors, launch
+from actors.launcher import Actors, init_ray, launch, stop_private_ray
 from actors.messages import Sample, StepMetrics
 
 from . import checkpoint, gate
@@ -100,15 +101,37 @@ def check_sync(actors: Actors, examples: list[Example], n: int = 2, max_new_toke
     return 1.0
 
 
+def _load_inputs(cfg: Config, model_path: str) -> tuple:
+    """The tokenizer, the train/eval split, the named eval sets (eval.sets: e.g. prior skills, for retention) and the
+    forgetting monitor (monitor.data: general prompts), all tokenized."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    train_set, eval_set = load_splits(cfg, tokenizer)
+    named_sets = load_eval_sets(cfg, tokenizer)
+    monitor = ForgettingMonitor(cfg, tokenizer) if cfg.monitor.enabled else None
+    return tokenizer, train_set, eval_set, named_sets, monitor
+
+
 def train(cfg: Config, resume: bool | str = False, on_step: Callable[[int, Actors], None] | None = None,
           overwrite: bool = False, allow_config_change: bool = False) -> dict:
     """Run SDFT (or the SFT baseline) as configured; returns a summary dict. A folder that holds a previous run is
     continued with `resume` or replaced with `overwrite`, never written into otherwise. `resume` (True or "latest")
     continues from the newest checkpoint, which must be intact; "auto" from the newest intact one. A config that
     differs from the checkpoint's beyond checkpoint.RESUME_SAFE_KEYS needs `allow_config_change`.
-    `on_step(step, actors)` is called after every completed step (monitoring and fault-injection hooks)."""
+    `on_step(step, actors)` is called after every completed step (monitoring and fault-injection hooks).
+    A private Ray instance that this call starts (no cluster given, none running) stops when it returns."""
+    own_ray = not ray.is_initialized()
+    try:
+        return _train(cfg, resume, on_step, overwrite, allow_config_change)
+    finally:
+        if own_ray:
+            stop_private_ray()
+
+
+def _train(cfg: Config, resume: bool | str, on_step: Callable[[int, Actors], None] | None, overwrite: bool,
+           allow_config_change: bool) -> dict:
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
 
@@ -118,11 +141,12 @@ def train(cfg: Config, resume: bool | str = False, on_step: Callable[[int, Actor
         ckpt = checkpoint.resume_point(out, "auto" if resume == "auto" else "latest")
         checkpoint.check_config(ckpt, cfg, allow_config_change)
     model_path = resolve_model(cfg.model.path, cfg.train.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    train_set, eval_set = load_splits(cfg, tokenizer)
     check_metric(cfg)
-    named_sets = load_eval_sets(cfg, tokenizer)  # eval.sets: e.g. prior skills (retention)
-    monitor = ForgettingMonitor(cfg, tokenizer) if cfg.monitor.enabled else None  # monitor.data: general prompts
+    # Ray starts while the tokenizer and the data load (seconds each); no actor starts before the data proved good.
+    with ThreadPoolExecutor(1, thread_name_prefix="sdft-inputs") as pool:
+        loading = pool.submit(_load_inputs, cfg, model_path)
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        tokenizer, train_set, eval_set, named_sets, monitor = loading.result()
     steps = total_steps(cfg, len(train_set))
 
     state = checkpoint.trainer_state(ckpt) if ckpt else {"step": 0}

@@ -164,6 +164,21 @@ def test_incomplete_model_folder_is_one_line(tmp_path, capsys, tiny_model, no_ac
     assert f"{folder} has no {missing}" in line and line.count(" has no ") == 1, line
 
 
+def test_bad_data_found_while_ray_starts_leaves_no_ray_running(tmp_path):
+    """Ray starts while the data load: a data error then stops the private instance this train() started (a fresh
+    process, where none runs yet), so a caller in the same process finds Ray as it was."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a",\n')  # not valid JSON
+    code = (f"import ray\nfrom pipeline.config import load_config\nfrom pipeline.data import DataError\n"
+            f"from pipeline.driver import train\n"
+            f"cfg = load_config({SMOKE!r}, ['output_dir={tmp_path / 'run'}', 'data.train={bad}'])\n"
+            f"try:\n    train(cfg)\nexcept DataError as e:\n    print('error:', e)\n"
+            f"print('ray running:', ray.is_initialized())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"error: {bad}:1:" in r.stdout and "ray running: False" in r.stdout, r.stdout
+
+
 @pytest.mark.parametrize("override", ["model.path=sdft-test/no-such-model", "data.train=hf:sdft-test/no-such-data"])
 def test_hub_source_while_offline_is_one_line(tmp_path, override):
     """A fresh process: the hub clients read HF_HUB_OFFLINE when imported."""
