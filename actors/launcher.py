@@ -190,24 +190,19 @@ def _placements(cfg, gpu: bool) -> tuple[list, list, list]:
 def thread_counts(cfg, gpu: bool, nodes: int) -> tuple[int, int, bool]:
     """(threads of each learner rank, threads of each engine, whether the learners' OpenMP threads wait passively).
 
-    The role's own CPUs, except on a single CPU-only node, where the run's cores are shared by turns
-    (benchmarks/README.md has the measurements on 2 cores):
-    * strict mode (`async.max_staleness=0`): learner ranks and engines take turns, so each phase gets every core
-      reserved for the run, split among that role's processes;
-    * async mode: engines keep their own cores, and the learner ranks get every core too, split among them: an
-      engine is idle between generations, and its core then goes to the learner. While it generates, the learner's
-      threads outnumber their cores, so they wait passively (OMP_WAIT_POLICY=PASSIVE: a thread that reaches a
-      barrier early sleeps instead of spinning on the core the engine or its sibling needs).
-    `ray.learner_threads` / `ray.rollout_threads` override the counts."""
+    The role's own CPUs, except in strict mode (`async.max_staleness=0`) on a single CPU-only node: there the
+    learner ranks and the engines take turns, so each phase gets every core reserved for the run, split among that
+    role's processes. `ray.learner_threads` / `ray.rollout_threads` override the counts; where learner and engines
+    then run at the same time on more threads than the run has cores (async, one node), the learners' threads wait
+    passively (OMP_WAIT_POLICY=PASSIVE: a thread that reaches a barrier early sleeps instead of spinning on a core
+    the engine or its sibling needs). benchmarks/README.md has the layouts measured on 2 cores."""
     r = cfg.ray
     m, n = r.learner_ranks, cfg.rollout.num_engines
     learner, engine = max(1, int(r.learner_cpus)), max(1, int(r.rollout_cpus))
     shared = not gpu and nodes == 1 and n > 0
     pool = m * r.learner_cpus + n * r.rollout_cpus
-    if shared:
-        learner = max(1, int(pool // m))
-        if cfg.async_.max_staleness == 0:
-            engine = max(1, int(pool // n))
+    if shared and cfg.async_.max_staleness == 0:
+        learner, engine = max(1, int(pool // m)), max(1, int(pool // n))
     learner, engine = r.learner_threads or learner, r.rollout_threads or engine
     overlapping = shared and cfg.async_.max_staleness > 0 and m * learner + n * engine > pool
     return learner, engine, overlapping

@@ -7,16 +7,15 @@
 Rows (the same SDFT semantics on both sides: forward KL(teacher || student) over the full vocabulary, EMA teacher
 alpha 0.01, the first 3 completion tokens masked, one completion per prompt, temperature 1, AdamW lr 1e-4 with 2
 warm-up steps then cosine, clipping 1.0, batch = micro-batch, fp32; TRL with one torch thread, sdft with its CPU
-defaults: in strict mode learner and engine each get both cores, as they take turns; in async mode the engine one
-and the learner both, its threads waiting passively):
+defaults: in strict mode learner and engine each get both cores, as they take turns, in async mode one each):
 
   sdft-strict  this repository, `async.max_staleness=0` (Ray: one vLLM engine actor + one DeepSpeed learner actor)
   sdft-async   the same with `async.max_staleness=1` (generation for step j overlaps the learner's step j - 1)
   trl-vllm     TRL SDFTTrainer, `use_vllm=True, vllm_mode="colocate"` (vLLM in the trainer's process, fp32 engine)
   trl-hf       TRL SDFTTrainer sampling with Hugging Face `generate`
   sdft-strict-1t  (only with --rows) sdft strict with one thread per process instead of both cores per phase
-  sdft-async-1t   (only with --rows) sdft async with one thread per process instead of the learner also using
-               the engine's core
+  sdft-async-l2   (only with --rows) sdft async with two learner threads, waiting passively, and one engine
+               thread (the learner shares a core with the engine while both run)
   floor-1t, floor-2t  (only with --rows) sdft's own learner and vLLM engine in one process with 1 or 2 threads,
                no Ray, no weight sync: generation then the learner step, the compute no layout removes. Its
                learner column is the async floor (one core each); generation + learner at 2 threads is the strict
@@ -76,7 +75,7 @@ ROWS = {
     "trl-hf": "TRL SDFTTrainer + HF generate",
     # not in the default set: other thread layouts than sdft's CPU default
     "sdft-strict-1t": "sdft strict, 1 thread per process",
-    "sdft-async-1t": "sdft async, 1 thread per process",
+    "sdft-async-l2": "sdft async, 2 learner threads (passive) + 1 engine thread",
     # the floor: sdft's learner and engine in one process, no Ray and no sync, taking turns (see _floor_worker)
     "floor-1t": "floor: generate + learner step in one process, 1 thread",
     "floor-2t": "floor: generate + learner step in one process, 2 threads",
@@ -121,8 +120,8 @@ def _sdft_config(row: str, spec: dict, out: Path):
         f"loss.skip_first_tokens={r['skip_first_tokens']}",
         f"async.max_staleness={1 if row.startswith('sdft-async') else 0}",
     ]
-    one_each = ["ray.learner_threads=1", "ray.rollout_threads=1"]
-    overrides += {"sdft-strict-1t": one_each, "sdft-async-1t": one_each}.get(row, [])
+    overrides += {"sdft-strict-1t": ["ray.learner_threads=1", "ray.rollout_threads=1"],
+                  "sdft-async-l2": ["ray.learner_threads=2", "ray.rollout_threads=1"]}.get(row, [])
     if "final" in CheckpointConfig.model_fields:  # the end-of-run checkpoint, when it can be turned off
         overrides.append("checkpoint.final=false")
     return load_config(SMOKE, overrides)

@@ -329,9 +329,9 @@ class RayConfig(_Section):
     learner_cpus: float = Field(1.0, gt=0.0, description="CPUs per learner rank")
     rollout_cpus: float = Field(1.0, gt=0.0, description="CPUs per rollout engine")
     learner_threads: int | None = Field(
-        None, ge=1, description="torch threads of each learner rank; None: learner_cpus, except on one CPU-only node: "
-        "then all the run's CPUs, split among the ranks (strict mode: learner and engines take turns; async: the "
-        "learner also uses an engine's core while it is idle, its threads waiting passively)")
+        None, ge=1, description="torch threads of each learner rank; None: learner_cpus, except on one CPU-only node "
+        "in strict mode, where learner and engines take turns: then all the run's CPUs, split among the ranks. More "
+        "threads than the cores left next to running engines (async): they wait passively (OMP_WAIT_POLICY)")
     rollout_threads: int | None = Field(
         None, ge=1, description="threads of each vLLM engine on CPU; None: rollout_cpus, or in strict mode on one "
         "CPU-only node all the run's CPUs, split among the engines")

@@ -96,17 +96,17 @@ def test_batch_must_split_over_learner_ranks():
 
 
 def test_thread_counts_per_phase():
-    """Each role's own CPUs, except on one CPU-only node: in strict mode every CPU of the run for each phase, split
-    among the role's processes; in async mode the same for the learners, whose threads then wait passively, and the
-    engines' own CPUs for the engines; the ray.*_threads keys override."""
+    """Each role's own CPUs, except strict mode on one CPU-only node: every CPU of the run, split among the role's
+    processes; the ray.*_threads keys override, and learners given more threads than the cores left to them next to
+    running engines (async, one node) wait passively."""
     from actors.launcher import thread_counts
 
     def counts(*overrides, gpu=False, nodes=1):
         return thread_counts(load_config(SMOKE, list(overrides)), gpu, nodes)
 
     assert counts() == (2, 2, False)  # 1 learner CPU + 1 engine CPU, taking turns
-    assert counts("async.max_staleness=1") == (2, 1, True)  # they overlap: the learner also takes the engine's core
-    assert counts("async.max_staleness=1", "ray.learner_threads=1") == (1, 1, False)  # a core each: no sharing
+    assert counts("async.max_staleness=1") == (1, 1, False)  # they overlap: a core each
+    assert counts("async.max_staleness=1", "ray.learner_threads=2") == (2, 1, True)  # the learner shares the engine's
     assert counts(gpu=True) == (1, 1, False) and counts(nodes=2) == (1, 1, False)
     assert counts("async.max_staleness=1", gpu=True) == (1, 1, False)
     assert counts("ray.learner_ranks=2", "train.batch_size=8", "rollout.num_engines=2",
