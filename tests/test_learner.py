@@ -17,6 +17,12 @@ SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
 pytestmark = pytest.mark.slow
 
 
+def _export(ray, actor, version=None, **options) -> dict:
+    """The learner's full weights, read through the object-store export (`options`: e.g. its concurrency group)."""
+    stream = actor.sync_stream.options(num_returns="streaming", **options).remote("export", version=version)
+    return dict(t for ref in stream for t in bucket_tensors(ray.get(ref)))
+
+
 def _run(ray, model, *overrides, steps=2):
     cfg = load_config(SMOKE, ["train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-2", "train.warmup_steps=0",
                               "loss.skip_first_tokens=1", *overrides])
@@ -25,8 +31,7 @@ def _run(ray, model, *overrides, steps=2):
     try:
         metrics = [ray.get(actor.step.remote(learner_samples())).as_dict() for _ in range(steps)]
         ray.get(actor.open_sync.remote("object_store"))
-        stream = actor.sync_stream.options(num_returns="streaming").remote("export")
-        return metrics, dict(t for ref in stream for t in bucket_tensors(ray.get(ref)))
+        return metrics, _export(ray, actor)
     finally:
         ray.kill(actor)
 
@@ -70,8 +75,7 @@ def test_on_nonfinite_skip_leaves_the_weights_and_training_goes_on(ray_session, 
                                                                   master_port=free_port())
 
     def weights():
-        stream = actor.sync_stream.options(num_returns="streaming").remote("export")
-        return dict(t for ref in stream for t in bucket_tensors(ray_session.get(ref)))
+        return _export(ray_session, actor)
 
     try:
         ray_session.get(actor.open_sync.remote("object_store"))
@@ -97,22 +101,16 @@ def test_export_runs_next_to_a_step_whose_update_waits_for_it(ray_session, tiny_
     cfg = load_config(SMOKE, ["train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-2", "train.warmup_steps=0"])
     actor = ray_session.remote(concurrency_groups={"sync": 1})(Learner).options(num_cpus=1).remote(
         cfg.model_dump(), tiny_model, 10, master_port=free_port())
-
-    def export(version=None, group="sync"):
-        stream = actor.sync_stream.options(num_returns="streaming", concurrency_group=group).remote(
-            "export", version=version)
-        return dict(t for ref in stream for t in bucket_tensors(ray_session.get(ref)))
-
     try:
         ray_session.get(actor.open_sync.remote("object_store"))
-        before = {k: v.clone() for k, v in export().items()}
+        before = {k: v.clone() for k, v in _export(ray_session, actor).items()}
         step = actor.step.remote(learner_samples(), hold=1)
         ready, _ = ray_session.wait([step], timeout=5)
         assert not ready  # forward and backward done, the update held: version 1 is not exported yet
-        exported = export(version=1)  # runs while the step waits
+        exported = _export(ray_session, actor, 1, concurrency_group="sync")  # runs while the step waits
         _close(exported, before, 0.0)
         assert ray_session.get(step, timeout=60).finite()
-        after = export()
+        after = _export(ray_session, actor)
         assert any(not torch.equal(after[k], before[k]) for k in before)  # then the update was applied
     finally:
         ray_session.kill(actor)
