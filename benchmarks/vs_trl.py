@@ -35,7 +35,9 @@ row alike. Per run:
                        last step (sdft writes its final checkpoint before the last hook) are left out.
   time to first step   from just before the parent starts the worker process to the end of the first optimizer
                        step (same clocks): interpreter start, imports, model loads, vLLM engine(s), Ray (sdft), the
-                       first rollout and the first learner step.
+                       first rollout and the first learner step. Both end before the weight sync that follows: TRL
+                       syncs at the start of its next generation, after the hook; sdft's hook comes after the push,
+                       so its first step's `timing_s.sync` is taken off.
   split                seconds per steady step. sdft: `timing_s.{rollout,learner,sync}` from metrics.jsonl (rollout
                        is the driver's wait for samples, near 0 when async hides it) and every numeric field of
                        `sync`. TRL: time inside `_generate` minus the weight sync, the weight sync, and the rest of
@@ -146,7 +148,10 @@ def _sdft_worker(row: str, spec: dict) -> dict:
         s = {k: rec["timing_s"][k] for k in ("rollout", "learner", "sync", "step") if k in rec["timing_s"]}
         s.update({f"sync.{k}": v for k, v in rec.get("sync", {}).items() if isinstance(v, (int, float))})
         split.append(s)
+    # The first optimizer step ended before the strict-mode push that follows it (as TRL's ends before the weight
+    # sync that starts its next generation).
     return {"step_ends": step_ends, "split": split, "losses": [rec["loss"] for rec in records],
+            "first_step_end": step_ends[0] - split[0].get("sync", 0.0),
             "checkpoint_final_off": "final" in CheckpointConfig.model_fields}
 
 
@@ -381,7 +386,7 @@ def summarize(run: dict, warmup: int) -> dict:
     """Steady-state s/step and split of one run, time to first step."""
     ends, n = run["step_ends"], len(run["step_ends"])
     steady = range(warmup, n - 1)  # 0-based: skip the first `warmup` steps and the last one
-    out = {"ttfs_s": ends[0] - run["t_launch"], "s_per_step": (ends[n - 2] - ends[warmup - 1]) / len(steady),
+    out = {"ttfs_s": run.get("first_step_end", ends[0]) - run["t_launch"], "s_per_step": (ends[n - 2] - ends[warmup - 1]) / len(steady),
            "step_deltas": [b - a for a, b in zip(ends, ends[1:])]}
     keys = sorted({k for i in steady for k in run["split"][i]})
     out["split"] = {k: statistics.fmean(run["split"][i][k] for i in steady if k in run["split"][i]) for k in keys}
