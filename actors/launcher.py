@@ -16,12 +16,12 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .learner import Learner
 from .net import LOOPBACK, free_port, loopback_store
 from .rollout import RolloutEngine, engine_env
 from .weight_sync import WeightSync, resolve_backend
@@ -77,7 +77,10 @@ def _environ(updates: dict[str, str]):
 
 def start_private_ray(num_cpus: int | None = None, **options) -> None:
     """Start a Ray instance for this process alone: every server on 127.0.0.1, no dashboard, a temp dir of its
-    own that `stop_private_ray` (also run at exit) deletes. `options` go to ray.init."""
+    own that `stop_private_ray` (also run at exit) deletes. `options` go to ray.init.
+
+    No idle workers are prestarted for the driver: every actor of a run gets a process of its own (its runtime
+    env differs), so they would only take CPU from the start of the actors that matter."""
     global _private_temp
     from ray._private import ray_constants
 
@@ -89,7 +92,7 @@ def start_private_ray(num_cpus: int | None = None, **options) -> None:
     try:
         with _environ(private_env()):
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK,
-                     _temp_dir=temp, **options)
+                     _temp_dir=temp, _system_config={"prestart_worker_first_driver": False}, **options)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
@@ -148,9 +151,17 @@ class Actors:
         """Rank 0: the one that exports weights and writes the HF checkpoint."""
         return self.learners[0]
 
-    def shutdown(self) -> None:
-        for a in [*self.learners, *self.engines]:
+    def shutdown(self, wait: bool = False) -> None:
+        """Kill every actor and free the placement groups; with `wait`, return once Ray reports the actors dead."""
+        killed = [*self.learners, *self.engines]
+        for a in killed:
             ray.kill(a, no_restart=True)
+        if wait:
+            for a in killed:
+                try:
+                    ray.get(a.__ray_ready__.remote(), timeout=60)
+                except Exception:  # noqa: BLE001 — dead is the point
+                    pass
         for pg in self.placement_groups:
             remove_placement_group(pg)
         self.store = None  # stops its server
@@ -215,9 +226,13 @@ def _thread_env(n: int, passive: bool = False) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), **({"OMP_WAIT_POLICY": "PASSIVE"} if passive else {})}
 
 
-def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, log_dir: str | None = None) -> Actors:
-    """Start learner ranks + engines (on GPUs when the cluster has them) and wire the weight sync. Actors write
-    their output to `log_dir` (one file each) when given."""
+def launch(cfg, model_path: str, total_steps: int | Callable[[], int], with_engines: bool = True,
+           log_dir: str | None = None) -> Actors:
+    """Start engines + learner ranks (on GPUs when the cluster has them) and wire the weight sync. Actors write
+    their output to `log_dir` (one file each) when given. The engines go first: their vLLM start is the longest.
+    `total_steps` may be a callable that blocks until the step count is known (the driver's data load, which then
+    runs while the engines start); the learners, whose LR schedule needs it, start after it returns. Whatever it
+    raises stops the engines and propagates."""
     if cfg.model.lora.enabled:  # a target module the model lacks: one clear error before any actor starts
         from .adapters import check_targets_at
 
@@ -241,28 +256,31 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, lo
         learner_env["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # every rank, rank 0 too, is a client of that store
     else:
         addr, port = ray.get(_rendezvous.options(scheduling_strategy=learner_at[0]).remote())
-    m = cfg.ray.learner_ranks
-    learners = [
-        ray.remote(concurrency_groups={"sync": 1})(Learner).options(  # sync: an export next to a step
-            num_cpus=cfg.ray.learner_cpus, num_gpus=gpu_share, scheduling_strategy=learner_at[rank],
-            runtime_env={"env_vars": learner_env},
-        ).remote(cfg_dict, model_path, total_steps, rank=rank, world_size=m, master_addr=addr, master_port=port,
-                  log_dir=log_dir)
-        for rank in range(m)
-    ]
-    engines = []
-    if with_engines:
-        engine_vars = {**env, **engine_env(cfg.rollout),
-                       **_thread_env(engine_threads)}
-        engines = [
-            ray.remote(RolloutEngine).options(
-                num_cpus=cfg.ray.rollout_cpus, num_gpus=gpu_share, scheduling_strategy=engine_at[i],
-                runtime_env={"env_vars": engine_vars}, max_restarts=cfg.ray.engine_max_restarts, max_task_retries=0,
-            ).remote(model_path, cfg_dict, i, sleep_mode=gpu and colocated, log_dir=log_dir)
-            for i in range(cfg.rollout.num_engines)
-        ]
-    actors = Actors(learners, engines, placement_groups=pgs, colocated=colocated, store=store)
+    actors = Actors([], [], placement_groups=pgs, colocated=colocated, store=store)
     try:
+        if with_engines:
+            engine_vars = {**env, **engine_env(cfg.rollout), **_thread_env(engine_threads)}
+            actors.engines = [
+                ray.remote(RolloutEngine).options(
+                    num_cpus=cfg.ray.rollout_cpus, num_gpus=gpu_share, scheduling_strategy=engine_at[i],
+                    runtime_env={"env_vars": engine_vars}, max_restarts=cfg.ray.engine_max_restarts,
+                    max_task_retries=0,
+                ).remote(model_path, cfg_dict, i, sleep_mode=gpu and colocated, log_dir=log_dir)
+                for i in range(cfg.rollout.num_engines)
+            ]
+        steps = total_steps() if callable(total_steps) else total_steps
+        from .learner import Learner  # torch: not needed by the driver before this (Ray and the engines start first)
+
+        m = cfg.ray.learner_ranks
+        actors.learners = [
+            ray.remote(concurrency_groups={"sync": 1})(Learner).options(  # sync: an export next to a step
+                num_cpus=cfg.ray.learner_cpus, num_gpus=gpu_share, scheduling_strategy=learner_at[rank],
+                runtime_env={"env_vars": learner_env},
+            ).remote(cfg_dict, model_path, steps, rank=rank, world_size=m, master_addr=addr, master_port=port,
+                      log_dir=log_dir)
+            for rank in range(m)
+        ]
+        learners, engines = actors.learners, actors.engines
         ray.get([a.__ray_ready__.remote() for a in [*learners, *engines]])
         if engines:
             backend = resolve_backend(cfg.sync.backend, gpu, cfg.ray.placement, lora=cfg.model.lora.enabled)
@@ -272,6 +290,6 @@ def launch(cfg, model_path: str, total_steps: int, with_engines: bool = True, lo
             actors.sync = WeightSync(backend, learners, engines, dtype=cfg.model.resolved_dtype(gpu) if gpu else None,
                                      zero3=cfg.train.zero_stage == 3)
     except BaseException:
-        actors.shutdown()
+        actors.shutdown(wait=True)  # so that no actor writes to the output folder once the caller sees the error
         raise
     return actors

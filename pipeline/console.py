@@ -26,6 +26,14 @@ def log_to_file(log_dir: Path) -> logging.Handler:
     return handler
 
 
+def forget_log(handler: logging.Handler) -> None:
+    """Undo `log_to_file`: the handler closed and removed, no current log (its folder is about to go)."""
+    global current_log
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+    current_log = None
+
+
 def print_header(cfg, model_path: str, n_train: int, n_eval: int, steps: int, start_step: int,
                  log_dir: Path) -> None:
     from rich.console import Console

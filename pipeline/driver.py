@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from actors.messages import Sample, StepMetrics
 
 from . import checkpoint, gate
 from .config import MAX_CONSECUTIVE_SKIPS, Config
-from .console import log_to_file, print_header
+from .console import forget_log, log_to_file, print_header
 from .data import Example, batch_indices, load_splits
 from .evaluation import check_metric, evaluate_all, load_eval_sets
 from .models import resolve_model
@@ -113,6 +114,37 @@ def _load_inputs(cfg: Config, model_path: str) -> tuple:
     return tokenizer, train_set, eval_set, named_sets, monitor
 
 
+def _start(cfg: Config, model_path: str, start_step: int, log_dir: Path) -> tuple[Actors, logging.Handler, tuple]:
+    """Start Ray and the actors while a thread loads the tokenizer and the data (seconds each, more for a large
+    dataset): the engines, whose vLLM start is the longest, start as soon as Ray is up; the learners, whose LR
+    schedule needs the step count, once the data is loaded. Returns the actors, the driver's log handler and the
+    inputs. A data error stops the engines and, when this run created the log folder, removes it: the folder
+    marks a previous run, and the corrected command should run as it is."""
+    fresh = not log_dir.exists()
+    log_file = log_to_file(log_dir)
+    with ThreadPoolExecutor(1, thread_name_prefix="sdft-inputs") as pool:
+        loading = pool.submit(_load_inputs, cfg, model_path)
+
+        def step_count() -> int:
+            _, train_set, eval_set, _, _ = loading.result()
+            steps = total_steps(cfg, len(train_set))
+            if cfg.logging.progress:
+                print_header(cfg, model_path, len(train_set), len(eval_set), steps, start_step, log_dir)
+            return steps
+
+        try:
+            init_ray(cfg.ray.address, cfg.ray.num_cpus)
+            actors = launch(cfg, model_path, step_count, log_dir=str(log_dir))
+        except BaseException:
+            if loading.done() and loading.exception() is not None and fresh:
+                forget_log(log_file)
+                shutil.rmtree(log_dir, ignore_errors=True)
+            else:
+                logging.getLogger().removeHandler(log_file)
+            raise
+    return actors, log_file, loading.result()
+
+
 def train(cfg: Config, resume: bool | str = False, on_step: Callable[[int, Actors], None] | None = None,
           overwrite: bool = False, allow_config_change: bool = False) -> dict:
     """Run SDFT (or the SFT baseline) as configured; returns a summary dict. A folder that holds a previous run is
@@ -142,19 +174,11 @@ def _train(cfg: Config, resume: bool | str, on_step: Callable[[int, Actors], Non
         checkpoint.check_config(ckpt, cfg, allow_config_change)
     model_path = resolve_model(cfg.model.path, cfg.train.seed)
     check_metric(cfg)
-    # Ray starts while the tokenizer and the data load (seconds each); no actor starts before the data proved good.
-    with ThreadPoolExecutor(1, thread_name_prefix="sdft-inputs") as pool:
-        loading = pool.submit(_load_inputs, cfg, model_path)
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        tokenizer, train_set, eval_set, named_sets, monitor = loading.result()
-    steps = total_steps(cfg, len(train_set))
-
     state = checkpoint.trainer_state(ckpt) if ckpt else {"step": 0}
     log_dir = out.resolve() / "logs"
-    log_file = log_to_file(log_dir)
-    if cfg.logging.progress:
-        print_header(cfg, model_path, len(train_set), len(eval_set), steps, state["step"], log_dir)
-    actors = launch(cfg, model_path, steps, log_dir=str(log_dir))
+    actors, log_file, (tokenizer, train_set, eval_set, named_sets, monitor) = _start(cfg, model_path, state["step"],
+                                                                                    log_dir)
+    steps = total_steps(cfg, len(train_set))
     batch_for_step = lambda step: [train_set[i] for i in batch_indices(  # noqa: E731
         step, cfg.train.batch_size, len(train_set), cfg.train.seed, cfg.data.shuffle)]
     rollouts = RolloutScheduler(actors, cfg, batch_for_step, steps)

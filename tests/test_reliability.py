@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -111,9 +112,13 @@ def _one_line(capsys) -> str:
 
 @pytest.fixture
 def no_actors(monkeypatch):
+    """`launch` refuses to start actors; like the real one, it first waits for the step count (the data load),
+    whose errors so come first."""
     import pipeline.driver
 
-    def launch(*args, **kwargs):
+    def launch(cfg, model_path, total_steps, **kwargs):
+        if callable(total_steps):
+            total_steps()
         raise AssertionError("actors were launched")
 
     monkeypatch.setattr(pipeline.driver, "launch", launch)
@@ -164,19 +169,41 @@ def test_incomplete_model_folder_is_one_line(tmp_path, capsys, tiny_model, no_ac
     assert f"{folder} has no {missing}" in line and line.count(" has no ") == 1, line
 
 
-def test_bad_data_found_while_ray_starts_leaves_no_ray_running(tmp_path):
-    """Ray starts while the data load: a data error then stops the private instance this train() started (a fresh
-    process, where none runs yet), so a caller in the same process finds Ray as it was."""
+def test_bad_data_found_while_the_engines_start_leaves_nothing_behind(tmp_path):
+    """Ray and the engines start while the data load: a data error then stops them and the private instance this
+    train() started (a fresh process, where none runs yet), so a caller in the same process finds Ray as it was,
+    and removes the log folder it created, so the corrected command runs as it is."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a",\n')  # not valid JSON
-    code = (f"import ray\nfrom pipeline.config import load_config\nfrom pipeline.data import DataError\n"
-            f"from pipeline.driver import train\n"
-            f"cfg = load_config({SMOKE!r}, ['output_dir={tmp_path / 'run'}', 'data.train={bad}'])\n"
-            f"try:\n    train(cfg)\nexcept DataError as e:\n    print('error:', e)\n"
-            f"print('ray running:', ray.is_initialized())\n")
+    engine_log = tmp_path / "run" / "logs" / "engine-0.log"
+    code = textwrap.dedent(f"""
+        import os, time, ray
+        import pipeline.driver
+        from pipeline.config import load_config
+        from pipeline.data import DataError
+
+        load = pipeline.driver._load_inputs
+
+        def load_once_an_engine_started(cfg, model_path):  # the data load waits for the first engine's log
+            deadline = time.time() + 120
+            while not os.path.exists({str(engine_log)!r}) and time.time() < deadline:
+                time.sleep(0.1)
+            print("engine started while the data loaded:", time.time() < deadline)
+            return load(cfg, model_path)
+
+        pipeline.driver._load_inputs = load_once_an_engine_started
+        cfg = load_config({SMOKE!r}, ["output_dir={tmp_path / 'run'}", "data.train={bad}"])
+        try:
+            pipeline.driver.train(cfg)
+        except DataError as e:
+            print("error:", e)
+        print("ray running:", ray.is_initialized())
+    """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert "engine started while the data loaded: True" in r.stdout, r.stdout
     assert f"error: {bad}:1:" in r.stdout and "ray running: False" in r.stdout, r.stdout
+    assert not (tmp_path / "run" / "logs").exists()  # the engine's log went with the folder it started in
 
 
 @pytest.mark.parametrize("override", ["model.path=sdft-test/no-such-model", "data.train=hf:sdft-test/no-such-data"])
