@@ -31,7 +31,8 @@ def submit_learner_kl(actors, cfg, sequences: Sequences, base_contexts: list[lis
 
 class ForgettingMonitor:
     def __init__(self, cfg, tokenizer):
-        """The general prompts, loaded and tokenized before any actor starts (a bad source fails fast)."""
+        """The general prompts, loaded and tokenized with the training data, before any learner starts (a bad source
+        fails fast)."""
         from .data import load_examples, tokenize_examples
 
         self.cfg, self.tokenizer = cfg, tokenizer
