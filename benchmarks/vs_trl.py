@@ -386,7 +386,8 @@ def summarize(run: dict, warmup: int) -> dict:
     """Steady-state s/step and split of one run, time to first step."""
     ends, n = run["step_ends"], len(run["step_ends"])
     steady = range(warmup, n - 1)  # 0-based: skip the first `warmup` steps and the last one
-    out = {"ttfs_s": run.get("first_step_end", ends[0]) - run["t_launch"], "s_per_step": (ends[n - 2] - ends[warmup - 1]) / len(steady),
+    out = {"ttfs_s": run.get("first_step_end", ends[0]) - run["t_launch"],
+           "s_per_step": (ends[n - 2] - ends[warmup - 1]) / len(steady),
            "step_deltas": [b - a for a, b in zip(ends, ends[1:])]}
     keys = sorted({k for i in steady for k in run["split"][i]})
     out["split"] = {k: statistics.fmean(run["split"][i][k] for i in steady if k in run["split"][i]) for k in keys}
