@@ -35,7 +35,7 @@ def linear_names(model: torch.nn.Module) -> list[str]:
 def check_targets(model: torch.nn.Module, targets: list[str]) -> None:
     """Every `model.lora.target_modules` entry must name linear layers of the model (peft's suffix match: the
     module name equals it or ends with `.` + it); peft itself fails only when none matches."""
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
 
     names = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for t in targets:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run by path, sys.path[0] is benchmarks/: import this checkout's `pipeline`
-SMOKE = ROOT / "configs" / "default.yaml"
+SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
 def _run(name: str, args, *overrides) -> dict:

@@ -64,7 +64,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "configs" / "default.yaml"
+SMOKE = ROOT / "configs" / "smoke.yaml"
 
 WORKLOADS = {
     "tiny": dict(spec="tiny:llama", data="configs/data/tiny.jsonl", batch=8, max_model_len=256),
@@ -176,8 +176,8 @@ def _floor_worker(row: str, spec: dict) -> dict:
 
     cfg = _sdft_config("sdft-strict", spec, Path(tempfile.mkdtemp(prefix="vs-trl-floor-")))
     train_set, _ = load_splits(cfg, AutoTokenizer.from_pretrained(spec["model_path"]))
-    engine = RolloutEngine(spec["model_path"], cfg.model_dump())
-    learner = Learner(cfg.model_dump(), spec["model_path"], spec["steps"], master_port=free_port())
+    engine = RolloutEngine(spec["model_path"], cfg)
+    learner = Learner(cfg, spec["model_path"], spec["steps"], master_port=free_port())
     step_ends, split, losses = [], [], []
     for step in range(spec["steps"]):
         batch = [train_set[i] for i in batch_indices(step, cfg.train.batch_size, len(train_set), cfg.train.seed,

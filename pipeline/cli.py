@@ -8,26 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError, OutputError, verify
-from .config import DEFAULT_CONFIG, ConfigError, load_config
-from .data import DataError
-from .evaluation import EvalError
-from .models import ModelNotFound
+from .checkpoint import verify
+from .config import DEFAULT_CONFIG, load_config
+from .errors import CheckpointError, ConfigError, SdftError
 
 METHODS = ("sft", "dft", "sdft")  # train.mode values `sdft compare` runs
-USER_ERRORS = (ConfigError, DataError, EvalError, ModelNotFound, OutputError, CheckpointError)
-
-
-def _run_failures() -> tuple[type, ...]:
-    from actors.launcher import PlacementError
-
-    from .checkpoint import CheckpointWriteFailed
-    from .driver import ForgettingLimit, LearnerFailed, SyncMismatch, TrainingDiverged
-    from .gate import TeacherGateFailed
-    from .scheduler import EngineFailed
-
-    return (LearnerFailed, EngineFailed, PlacementError, SyncMismatch, TrainingDiverged, ForgettingLimit,
-            TeacherGateFailed, CheckpointWriteFailed)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,7 +123,7 @@ def _eval(args) -> dict:
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     engine = ray.remote(RolloutEngine).options(
         num_cpus=cfg.ray.rollout_cpus, runtime_env={"env_vars": engine_env(cfg.rollout)}
-    ).remote(str(model_dir), cfg.model_dump(), log_dir=str(_eval_log_dir(ckpt)))
+    ).remote(str(model_dir), cfg, log_dir=str(_eval_log_dir(ckpt)))
     try:
         result = evaluate([engine], eval_set, tokenizer, cfg)
     finally:
@@ -267,12 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     console.current_log = None
     try:
         {"train": _train, "eval": _eval, "compare": _compare, "export": _export, "config": _config}[args.command](args)
-    except USER_ERRORS as e:
-        print(f"sdft: error: {e}", file=sys.stderr)
-        return 2
-    except _run_failures() as e:
-        print(f"sdft: run failed: {e}", file=sys.stderr)
-        return 1
+    except SdftError as e:  # foreseen: one line, its prefix and exit code from the class (pipeline/errors.py)
+        print(f"{e.prefix}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(_stopped(args, argv), file=sys.stderr)
         return 130

@@ -75,7 +75,7 @@ def run_compare(config: str | None, overrides: list[str], output: Path, methods:
         results["history"][method] = read_history(Path(cfg.output_dir), cfg)
         results.setdefault("monitor", {})[method] = read_monitor(Path(cfg.output_dir))
         if summary.get("checkpoint"):
-            results[method]["kl_to_base"] = kl_to_base(cfg, Path(summary["checkpoint"]) / "model")
+            results[method]["kl_to_base"] = checkpoint_kl_to_base(cfg, Path(summary["checkpoint"]) / "model")
         results["base"].pop("teacher_acc", None)
     results["prior_skills"] = list(results["config"]["eval"]["prior"])
     (output / "results.json").write_text(json.dumps(results, indent=1))
@@ -164,11 +164,11 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def kl_to_base(cfg: Config, model_dir: Path, max_prompts: int = 300) -> float | None:
-    """Mean per-token KL(base || trained) on the prior-skill prompts (eval.prior sets), over the base model's
-    own greedy answers — how far training moved the model where it was already competent (the paper's
-    "KL to base"). In-process Hugging Face forwards; meant for small models. The KL is the forgetting monitor's
-    (`actors.forward.token_kl_sum`)."""
+def checkpoint_kl_to_base(cfg: Config, model_dir: Path, max_prompts: int = 300) -> float | None:
+    """Mean per-token KL(base || trained) of a saved checkpoint's model on the prior-skill prompts (eval.prior
+    sets), over the base model's own greedy answers — how far training moved the model where it was already
+    competent (the paper's "KL to base"). In-process Hugging Face forwards; meant for small models. The KL is the
+    forgetting monitor's (`actors.forward.token_kl_sum`); the live one, on the learner, is `Learner.kl_to_base`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

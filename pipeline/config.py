@@ -12,22 +12,20 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import ConfigError  # the one project import: errors.py is a leaf too
+
 # The official SDFT code's teacher template, byte for byte: {x} is the prompt, {c} the demonstration.
 TEACHER_TEMPLATE = (
     "\n{x}\n\nThis is an example for a response to the question:\n{c}\n\n"
     "Now answer with a response of your own, including the thinking process.\n"
 )
 
-# `sdft train` without a config: SDFT on the embedded toy world. configs/default.yaml is the tiny random-model
+# `sdft train` without a config: SDFT on the embedded toy world. configs/smoke.yaml is the tiny random-model
 # smoke config the pipeline tests use.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
 
 
 MAX_CONSECUTIVE_SKIPS = 5  # train.on_nonfinite=skip: more than this many skipped steps in a row is divergence
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the file and key."""
 
 
 class _Section(BaseModel):
@@ -439,6 +437,11 @@ class Config(_Section):
                 f"be split into {self.ray.learner_ranks} learner rank(s) x micro-batches of "
                 f"{self.train.micro_batch_size}: adjust train.batch_size / train.micro_batch_size / ray.learner_ranks"
             )
+        # Checked here, before Ray starts, rather than once every actor is up. auto picks nccl in this layout
+        # (actors/weight_sync `resolve_backend`), so only an explicit ipc is refused.
+        if self.sync.backend == "ipc" and self.train.zero_stage == 3 and self.ray.learner_ranks > 1:
+            raise ValueError("sync.backend=ipc shares the whole model from rank 0's memory; with ZeRO-3 over several "
+                             "ranks use sync.backend=nccl (bucketed gather) or train.zero_stage<=2")
         if self.sync.check_greedy and self.train.zero_stage == 3 and self.ray.learner_ranks > 1:
             raise ValueError("sync.check_greedy generates on learner rank 0 alone: not with ZeRO-3 over several ranks")
         if self.ray.placement == "colocated" and self.async_.max_staleness:

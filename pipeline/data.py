@@ -14,12 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DEFAULT_CONFIG, Config, DataConfig
+from .errors import DataError
 
 PROJECT_ROOT = DEFAULT_CONFIG.parent.parent
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and line (or dataset row)."""
 
 
 @dataclass

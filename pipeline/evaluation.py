@@ -10,11 +10,8 @@ from typing import Callable
 from actors.rollout import generate_sharded
 
 from .data import Example
+from .errors import EvalError
 from .models import first_line
-
-
-class EvalError(ValueError):
-    pass
 
 
 BUILTIN_METRICS = ("exact_match", "contains", "regex")

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import random
 
-
-class TeacherGateFailed(RuntimeError):
-    pass
+from .errors import TeacherGateFailed
 
 
 def applies(cfg) -> bool:

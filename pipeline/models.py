@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import ModelNotFound
+
 CACHE_ROOT = Path(os.environ.get("SDFT_CACHE", Path.home() / ".cache" / "sdft"))
 
 CHAT_TEMPLATE = (
@@ -37,10 +39,6 @@ TINY_ARCHS = {
         tie_word_embeddings=True,
     ),
 }
-
-
-class ModelNotFound(ValueError):
-    pass
 
 
 def resolve_model(spec: str, seed: int = 0) -> str:

@@ -6,8 +6,8 @@ kept in OUTPUT/monitor_base.json so a resumed run measures against the same ones
 `kl_to_base`, the mean per-token KL(base || student) on those (prompt, base answer) sequences, computed on the
 learner, and `general_accuracy`, the current engines' greedy answers scored with eval.metric.
 
-`actors.forward.token_kl_sum` is the one KL-to-base computation: the learner's `kl_to_base` and `sdft compare`
-both use it.
+`actors.forward.token_kl_sum` is the one KL-to-base computation: the learner's `kl_to_base` (live, here) and
+`sdft compare`'s `checkpoint_kl_to_base` (a saved checkpoint against the base) both use it.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pipeline.checkpoint import CheckpointError, check_config, config_changes, r
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
 
-SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
 # A short, quick run: constant lr, so a resume reproduces the losses whatever train.steps says.
 RUN = ["logging.progress=false", "logging.wandb=false", "train.batch_size=4", "train.micro_batch_size=2",
        "rollout.max_new_tokens=8", "eval.max_new_tokens=4", "data.eval_size=2", "train.lr_schedule=constant",

@@ -16,7 +16,7 @@ import yaml
 from actors.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "configs" / "default.yaml"
+SMOKE = ROOT / "configs" / "smoke.yaml"
 BIN = Path(sys.executable).parent
 
 
@@ -83,7 +83,7 @@ def test_ray_job_submit_trains(tmp_path):
                    env=env, check=True, capture_output=True, timeout=180)
     out = tmp_path / "job-out"
     submit = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-              "--", "sdft", "train", "configs/default.yaml", "--output", str(out), "--steps", "2",
+              "--", "sdft", "train", "configs/smoke.yaml", "--output", str(out), "--steps", "2",
               "logging.progress=false", "train.batch_size=4", "train.micro_batch_size=2", "rollout.max_new_tokens=8",
               "data.eval_size=2", "eval.max_new_tokens=4"]
     try:

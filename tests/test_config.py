@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import TEACHER_TEMPLATE, ConfigError, load_config
 
-SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")  # the tiny-model smoke config
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")  # the tiny-model smoke config
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -69,6 +69,18 @@ def test_incompatible_options_rejected():
         load_config(SMOKE, ["train.batch_size=6", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="zero_stage"):
         load_config(SMOKE, ["loss.backend=fused_linear", "train.zero_stage=3"])
+
+
+def test_ipc_with_zero3_over_several_ranks_is_rejected_before_ray_starts():
+    """ipc shares the whole model from rank 0's memory, which ZeRO-3 over several ranks does not hold."""
+    ranks = ["train.batch_size=8", "train.micro_batch_size=2", "train.zero_stage=3"]
+    with pytest.raises(ConfigError, match="sync.backend=ipc shares the whole model"):
+        load_config(SMOKE, [*ranks, "ray.learner_ranks=2", "sync.backend=ipc"])
+    for ok in (["ray.learner_ranks=1", "sync.backend=ipc"], ["ray.learner_ranks=2", "sync.backend=nccl"],
+               ["ray.learner_ranks=2", "sync.backend=auto"]):
+        load_config(SMOKE, [*ranks, *ok])
+    load_config(SMOKE, ["train.batch_size=8", "train.micro_batch_size=2", "train.zero_stage=2", "ray.learner_ranks=2",
+                        "sync.backend=ipc"])
 
 
 def test_cli_reports_config_error_without_traceback(tmp_path):

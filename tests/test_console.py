@@ -33,7 +33,7 @@ def test_train_console_is_quiet_and_logs_go_to_files(tmp_path):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs" / "default.yaml"), "--output", str(out),
+        [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs" / "smoke.yaml"), "--output", str(out),
          "--steps", "2", "train.batch_size=4", "train.micro_batch_size=2", "rollout.max_new_tokens=8",
          "eval.max_new_tokens=4", "data.eval_size=2", "ray.num_cpus=2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

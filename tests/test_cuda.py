@@ -14,7 +14,7 @@ from samples import learner_samples
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
 
 
 def _learner(model, *overrides):
@@ -24,7 +24,7 @@ def _learner(model, *overrides):
 
     cfg = load_config(SMOKE, ["train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-2",
                               "train.warmup_steps=0", "loss.skip_first_tokens=1", "model.dtype=auto", *overrides])
-    return Learner(cfg.model_dump(), model, 10, master_port=free_port())
+    return Learner(cfg, model, 10, master_port=free_port())
 
 
 def _trainable(learner) -> dict[str, torch.Tensor]:

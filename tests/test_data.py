@@ -10,7 +10,7 @@ from pipeline.data import (DataError, batch_indices, encode_context, load_exampl
                            tokenize_examples)
 from pipeline.models import ModelNotFound, resolve_model
 
-SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")  # the tiny-model smoke config
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")  # the tiny-model smoke config
 
 ROOT = Path(__file__).resolve().parent.parent
 # Written out by hand from the official SDFT code, independently of pipeline/config.py.

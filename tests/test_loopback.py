@@ -53,7 +53,7 @@ def test_private_instance_listens_on_loopback_only_and_leaves_no_temp_dir(tmp_pa
     console = tmp_path / "console.txt"
     with console.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs" / "default.yaml"),
+            [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs" / "smoke.yaml"),
              "--output", str(tmp_path / "run"), "--steps", "2", "train.batch_size=4", "train.micro_batch_size=2",
              "rollout.max_new_tokens=8", "eval.max_new_tokens=4", "data.eval_size=2", "ray.num_cpus=2",
              "logging.progress=false", "logging.wandb=false"],

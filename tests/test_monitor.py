@@ -18,7 +18,7 @@ from pipeline.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = str(ROOT / "configs" / "toy.yaml")
-SMOKE = str(ROOT / "configs" / "default.yaml")
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
 # Short toy runs: few eval rows, one small batch per step, no wandb.
 FAST = ["logging.progress=false", "logging.wandb=false", "data.eval_size=4", "eval.size=4", "eval.every=0",
         "train.batch_size=8", "train.micro_batch_size=8", "gate.size=16"]

@@ -12,7 +12,7 @@ from pipeline.cli import main as cli_main
 from pipeline.config import load_config
 from pipeline.driver import train
 
-SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")  # the tiny-model smoke config
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")  # the tiny-model smoke config
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = str(ROOT / "configs" / "default.yaml")
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
 
 def _previous_run(folder: Path, complete: bool = True) -> None:

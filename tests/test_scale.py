@@ -18,7 +18,7 @@ BASE = ["logging.progress=false", "train.batch_size=4", "train.micro_batch_size=
         "eval.max_new_tokens=6", "data.eval_size=4", "train.lr=1e-2", "train.warmup_steps=0"]
 
 
-SMOKE = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"  # tiny random model
+SMOKE = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"  # tiny random model
 
 
 def _cfg(out, *overrides):

@@ -44,7 +44,7 @@ def test_smollm2_converts_and_generates_in_vllm(ray_session):
     prompt = encode_context(tok, [{"role": "user", "content": "What is the capital of France?"}])
     engine = ray.remote(RolloutEngine).options(
         num_cpus=1, runtime_env={"env_vars": engine_env(run_cfg.rollout)}
-    ).remote(path, run_cfg.model_dump())
+    ).remote(path, run_cfg)
     try:
         out = ray.get(engine.generate.remote([prompt], max_new_tokens=16, temperature=0.0))[0]
     finally:

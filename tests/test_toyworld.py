@@ -147,7 +147,7 @@ def test_vllm_loads_the_toy_checkpoint_and_agrees_with_hf(toy, ray_session):
     _, evals = load_splits(cfg, tok)
     prompts = [ex.teacher_ids for ex in evals[:8]] + [ex.student_ids for ex in evals[:8]]
     engine = ray.remote(RolloutEngine).options(
-        num_cpus=1, runtime_env={"env_vars": engine_env(cfg.rollout)}).remote(path, cfg.model_dump())
+        num_cpus=1, runtime_env={"env_vars": engine_env(cfg.rollout)}).remote(path, cfg)
     try:
         outs = ray.get(engine.generate.remote(prompts, max_new_tokens=16, temperature=0.0))
     finally:
