@@ -22,17 +22,16 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pipeline.config import Config
+from pipeline.errors import PlacementError
+
 from .net import LOOPBACK, free_port, loopback_store
 from .rollout import RolloutEngine, engine_env
-from .weight_sync import WeightSync, resolve_backend
+from .weight_sync import LEARNER_CONCURRENCY, WeightSync, resolve_backend
 
 CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR", "SDFT_CACHE", "HF_HOME",
               "TRITON_INTERPRET", "WANDB_MODE", "HF_HUB_OFFLINE")
 PLACEMENT_TIMEOUT_S = 120
-
-
-class PlacementError(RuntimeError):
-    pass
 
 
 def _passthrough_env() -> dict[str, str]:
@@ -226,13 +225,14 @@ def _thread_env(n: int, passive: bool = False) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), **({"OMP_WAIT_POLICY": "PASSIVE"} if passive else {})}
 
 
-def launch(cfg, model_path: str, total_steps: int | Callable[[], int], with_engines: bool = True,
+def launch(cfg: Config, model_path: str, total_steps: int | Callable[[], int], with_engines: bool = True,
            log_dir: str | None = None) -> Actors:
     """Start engines + learner ranks (on GPUs when the cluster has them) and wire the weight sync. Actors write
     their output to `log_dir` (one file each) when given. The engines go first: their vLLM start is the longest.
     `total_steps` may be a callable that blocks until the step count is known (the driver's data load, which then
     runs while the engines start); the learners, whose LR schedule needs it, start after it returns. Whatever it
-    raises stops the engines and propagates."""
+    raises stops the engines and propagates. Every actor gets `cfg` itself (Ray pickles the typed Config), whose
+    cross-field rules were checked when it was built (pipeline/config.py `_compatible`), before Ray started."""
     if cfg.model.lora.enabled:  # a target module the model lacks: one clear error before any actor starts
         from .adapters import check_targets_at
 
@@ -244,7 +244,8 @@ def launch(cfg, model_path: str, total_steps: int | Callable[[], int], with_engi
     learner_at, engine_at, pgs = _placements(cfg, gpu)
     learner_threads, engine_threads, passive = thread_counts(cfg, gpu, len([x for x in ray.nodes() if x["Alive"]]))
     env = _passthrough_env()
-    cfg_dict = cfg.model_dump()
+    backend = resolve_backend(cfg.sync.backend, gpu, cfg.ray.placement, lora=cfg.model.lora.enabled,
+                              zero3_ranks=cfg.train.zero_stage == 3 and cfg.ray.learner_ranks > 1)
 
     # TRITON_INTERPRET must be set before triton is imported; only a CPU learner needs it.
     learner_env = {**env, **({} if gpu else {"TRITON_INTERPRET": "1"}),
@@ -265,7 +266,7 @@ def launch(cfg, model_path: str, total_steps: int | Callable[[], int], with_engi
                     num_cpus=cfg.ray.rollout_cpus, num_gpus=gpu_share, scheduling_strategy=engine_at[i],
                     runtime_env={"env_vars": engine_vars}, max_restarts=cfg.ray.engine_max_restarts,
                     max_task_retries=0,
-                ).remote(model_path, cfg_dict, i, sleep_mode=gpu and colocated, log_dir=log_dir)
+                ).remote(model_path, cfg, i, sleep_mode=gpu and colocated, log_dir=log_dir, sync_backend=backend)
                 for i in range(cfg.rollout.num_engines)
             ]
         steps = total_steps() if callable(total_steps) else total_steps
@@ -273,20 +274,16 @@ def launch(cfg, model_path: str, total_steps: int | Callable[[], int], with_engi
 
         m = cfg.ray.learner_ranks
         actors.learners = [
-            ray.remote(concurrency_groups={"sync": 1})(Learner).options(  # sync: an export next to a step
+            ray.remote(concurrency_groups=LEARNER_CONCURRENCY)(Learner).options(
                 num_cpus=cfg.ray.learner_cpus, num_gpus=gpu_share, scheduling_strategy=learner_at[rank],
                 runtime_env={"env_vars": learner_env},
-            ).remote(cfg_dict, model_path, steps, rank=rank, world_size=m, master_addr=addr, master_port=port,
+            ).remote(cfg, model_path, steps, rank=rank, world_size=m, master_addr=addr, master_port=port,
                       log_dir=log_dir)
             for rank in range(m)
         ]
         learners, engines = actors.learners, actors.engines
         ray.get([a.__ray_ready__.remote() for a in [*learners, *engines]])
         if engines:
-            backend = resolve_backend(cfg.sync.backend, gpu, cfg.ray.placement, lora=cfg.model.lora.enabled)
-            if backend == "ipc" and cfg.train.zero_stage == 3 and cfg.ray.learner_ranks > 1:
-                raise PlacementError("sync.backend=ipc shares the whole model from rank 0's memory; with ZeRO-3 over "
-                                     "several ranks use sync.backend=nccl (bucketed gather) or train.zero_stage<=2")
             actors.sync = WeightSync(backend, learners, engines, dtype=cfg.model.resolved_dtype(gpu) if gpu else None,
                                      zero3=cfg.train.zero_stage == 3)
     except BaseException:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import kernels
+from pipeline.config import Config
 
 from .forward import chunked_token_logprobs, completion_hidden, completion_logits, token_kl_sum
 from .logs import redirect_output
@@ -28,17 +29,16 @@ EXPORT_TIMEOUT_S = 600
 
 
 class Learner:
-    """Student + teacher on one data-parallel rank. `cfg` is the run's Config as a dict."""
+    """Student + teacher on one data-parallel rank. `cfg` is the run's Config itself (Ray pickles the pydantic model;
+    it was validated once, in the driver, so it is not validated again here)."""
 
-    def __init__(self, cfg: dict, model_path: str, total_steps: int, rank: int = 0, world_size: int = 1,
+    def __init__(self, cfg: Config, model_path: str, total_steps: int, rank: int = 0, world_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 29500, log_dir: str | None = None):
         redirect_output(log_dir, f"learner-{rank}")
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from pipeline.config import Config
-
-        self.cfg = cfg = Config.model_validate(cfg)
+        self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         torch.manual_seed(cfg.train.seed + rank)
         on_gpu = torch.cuda.is_available()
@@ -75,8 +75,8 @@ class Learner:
             model=model, optimizer=optimizer, lr_scheduler=self._scheduler(optimizer, total_steps),
             config=self._ds_config(per_rank), dist_init_required=False,
         )
-        self.sender = None  # this rank's end of the weight sync (open_sync)
-        self._exported = threading.Condition()  # async mode: the newest weight version exported (sync_stream)
+        self.sender = None  # this rank's end of the weight sync (open_weight_sync)
+        self._exported = threading.Condition()  # async mode: the newest weight version exported (export_weights)
         self._exported_version = -1
         self.model_path = model_path
         self._base = None  # kl_to_base's copy of the base model, loaded on first use when nothing else is the base
@@ -183,28 +183,37 @@ class Learner:
             skipped=int(skip or self.engine.skipped_steps > skipped_before),
         )
 
-    # ---- weights out ---------------------------------------------------------------------------------------
-    def open_sync(self, backend: str, **options) -> None:
-        """Create this rank's end of the weight sync (actors/weight_sync)."""
+    # ---- weights out: this rank's end of the weight sync (actors/weight_sync), called by the driver's WeightSync ----
+    def open_weight_sync(self, backend: str, dtype: str | None) -> None:
         from .weight_sync import make_sender
 
-        self.sender = make_sender(backend, self, **options)
+        self.sender = make_sender(backend, self, dtype)
 
-    def sync(self, op: str, *args):
-        """Run one step of the weight sync's learner side; the driver's `WeightSync` decides which."""
-        return getattr(self.sender, op)(*args)
+    def weight_init_info(self, num_engines: int) -> list[dict]:
+        return self.sender.init_info(num_engines)
 
-    def sync_stream(self, op: str, *args, version: int | None = None):
-        """The same for a step that yields its result in parts (called with num_returns="streaming"). With
-        `version`, it reads the weights out as that version, and a `step(..., hold=version)` running next to it
-        updates them once it is done (done means returned or failed: a failure reaches the driver with the stream)."""
+    def connect_weight_sync(self) -> None:
+        self.sender.connect()
+
+    def export_weights(self, version: int):
+        """The payloads of weight version `version`, as a streaming call in the `sync` concurrency group. A
+        `step(..., hold=version)` running next to it updates the weights once the export is done (returned or
+        failed: a failure reaches the driver with the stream)."""
         try:
-            yield from getattr(self.sender, op)(*args)
+            yield from self.sender.updates()
         finally:
-            if version is not None:
-                with self._exported:
-                    self._exported_version = max(self._exported_version, version)
-                    self._exported.notify_all()
+            with self._exported:
+                self._exported_version = max(self._exported_version, version)
+                self._exported.notify_all()
+
+    def send_weights(self) -> None:
+        self.sender.send()
+
+    def release_weights(self) -> None:
+        self.sender.release()
+
+    def close_weight_sync(self) -> None:
+        self.sender.close()
 
     def _await_export(self, version: int) -> None:
         with self._exported:
@@ -324,7 +333,7 @@ class _WeightsOnlyLoads:
         import pickle
         import re
 
-        from pipeline.checkpoint import CheckpointError
+        from pipeline.errors import CheckpointError
 
         try:
             with torch.serialization.safe_globals(_deepspeed_safe_globals()):

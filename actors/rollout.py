@@ -12,6 +12,8 @@ import os
 import shutil
 import time
 
+from pipeline.config import Config
+
 from .logs import drop_expected_vllm_warnings, redirect_output
 from .messages import Completion
 
@@ -33,12 +35,13 @@ def engine_env(rollout) -> dict[str, str]:
 class RolloutEngine:
     """A vLLM engine behind a small interface: generate token ids with logprobs, load new weights."""
 
-    def __init__(self, model_path: str, cfg: dict, engine_index: int = 0, sleep_mode: bool = False,
-                 log_dir: str | None = None):
+    def __init__(self, model_path: str, cfg: Config, engine_index: int = 0, sleep_mode: bool = False,
+                 log_dir: str | None = None, sync_backend: str | None = None):
+        """`cfg`: the run's Config itself (Ray pickles the pydantic model), validated once in the driver;
+        `sync_backend`: the resolved weight-sync backend, whose worker-side engine vLLM creates at start (None: an
+        engine whose weights never change, e.g. `sdft eval`'s)."""
         redirect_output(log_dir, f"engine-{engine_index}")
-        from pipeline.config import Config
-
-        self.cfg = cfg = Config.model_validate(cfg)
+        self.cfg = cfg
         for k, v in engine_env(cfg.rollout).items():
             os.environ.setdefault(k, v)
         import torch
@@ -55,19 +58,19 @@ class RolloutEngine:
         if on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.rollout.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = sleep_mode  # colocated: free the GPU while the learner trains
-            if cfg.sync.backend in ("nccl", "ipc"):
-                from .weight_sync.vllm_transfer import engine_kwargs
-
-                kwargs.update(engine_kwargs(cfg.sync.backend))
         if cfg.model.lora.enabled:  # the base stays; the student arrives as LoRA adapters (weight_sync/lora.py)
             kwargs.update(enable_lora=True, max_lora_rank=cfg.model.lora.max_lora_rank, max_loras=1)
+        elif sync_backend is not None:  # full weights arrive through vLLM's weight-transfer API (weight_sync/receiver.py)
+            from .weight_sync.receiver import engine_kwargs
+
+            kwargs.update(engine_kwargs(sync_backend))
         self.llm = LLM(**kwargs)
         self.model_path = model_path
         self.sleep_mode = sleep_mode
         self.weight_version = 0
         self.lora_request = None  # under LoRA the student adapter in use; None: the base (a fresh adapter, B = 0)
         self.lora_ids = itertools.count(1)
-        self.receiver = None  # this engine's end of the weight sync (open_sync)
+        self.receiver = None  # this engine's end of the weight sync (open_weight_sync)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  seeds: list[int] | None = None) -> list[Completion]:
@@ -95,38 +98,37 @@ class RolloutEngine:
             results.append(Completion(ids, logprobs, c.finish_reason, self.weight_version, seconds))
         return results
 
-    def open_sync(self, backend: str) -> None:
-        """Create this engine's end of the weight sync (actors/weight_sync)."""
+    # ---- weights in: this engine's end of the weight sync (actors/weight_sync), called by the driver's WeightSync ----
+    def open_weight_sync(self, backend: str) -> None:
         from .weight_sync import make_receiver
 
         self.receiver = make_receiver(backend, self)
 
-    def sync(self, op: str, *args):
-        """Run one step of the weight sync's engine side; the driver's `WeightSync` decides which."""
-        return getattr(self.receiver, op)(*args)
+    def init_weight_transfer(self, init_info: dict) -> None:
+        self.receiver.init(init_info)
+
+    def start_weight_update(self) -> None:
+        self.receiver.begin()
+
+    def update_weights(self, payload: dict) -> None:
+        self.receiver.update(payload)
+
+    def finish_weight_update(self, version: int) -> dict:
+        return self.receiver.finish(version)
+
+    def close_weight_sync(self) -> None:
+        self.receiver.close()
 
     def restore_base(self) -> None:
-        """Back to the initial weights (version 0): drop the student adapter under LoRA, else reload from disk."""
-        if self.cfg.model.lora.enabled:
-            if self.lora_request is not None:
-                self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
-                shutil.rmtree(self.lora_request.lora_path, ignore_errors=True)
+        """Back to the initial weights (version 0): drop the student adapter under LoRA, else vLLM's in-place reload
+        from model.path (the layerwise reload the weight sync runs, fed from disk)."""
+        if self.lora_request is not None:
+            self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+            shutil.rmtree(self.lora_request.lora_path, ignore_errors=True)
             self.lora_request = None
-        else:  # the layerwise reload of the object-store sync, fed as the learner would (tied LM head included)
-            import torch
-            from transformers import AutoModelForCausalLM
-
-            from .weight_sync.gather import iter_buckets
-            from .weight_sync.object_store import BUCKET_BYTES, _begin, _feed, _finish
-
-            dtype = getattr(torch, self.cfg.model.resolved_dtype(torch.cuda.is_available()))
-            base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype,
-                                                        trust_remote_code=self.cfg.model.trust_remote_code)
-            self.llm.collective_rpc(_begin)
-            for bucket in iter_buckets(base, zero3=False, bucket_bytes=BUCKET_BYTES, dtype=None, device="cpu"):
-                self.llm.collective_rpc(_feed, args=(bucket,))
-            self.llm.collective_rpc(_finish)
-            self.llm.reset_prefix_cache()
+        if not self.cfg.model.lora.enabled:
+            self.llm.collective_rpc("reload_weights")
+        self.llm.reset_prefix_cache()
         self.weight_version = 0
 
     def sleep(self) -> None:

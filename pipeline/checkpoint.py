@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import CheckpointError, CheckpointWriteFailed, OutputError
+
 PREFIX = "step_"
 RUN_FILES = ("metrics.jsonl", "logs", "wandb")  # what a run writes besides its checkpoints
 MANIFEST = "manifest.json"
@@ -33,15 +35,6 @@ RESUME_SAFE_KEYS = (
     "ray.learner_threads", "ray.rollout_threads", "ray.learner_resources", "ray.rollout_resources",
     "ray.engine_max_restarts",
 )
-
-
-class OutputError(ValueError):
-    """The output folder cannot be used as asked; the message says what to do."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is damaged, unverifiable, unsafe to load or from another config; the message says which
-    file or keys, and what to do."""
 
 
 def prepare_output(output_dir: Path, resume: bool | str, overwrite: bool) -> Path | None:
@@ -75,10 +68,6 @@ def prepare_output(output_dir: Path, resume: bool | str, overwrite: bool) -> Pat
     except OSError as e:
         raise OutputError(f"output {output_dir} is not writable ({e.strerror}): choose another --output") from None
     return ckpt
-
-
-class CheckpointWriteFailed(RuntimeError):
-    """A checkpoint could not be written (a full disk, ...); nothing of it is left behind."""
 
 
 @dataclass
@@ -131,6 +120,48 @@ def finish(pending: Pending, keep_last: int) -> Path:
     for old in ours[:-keep_last]:
         shutil.rmtree(old)
     return pending.final
+
+
+class Checkpoints:
+    """A run's checkpoints: written in the background while training goes on (one at a time), `last` the newest one
+    published. When the run stops on an error, `settle` publishes the one being written: it predates the error."""
+
+    def __init__(self, learners: list, output_dir: Path, cfg, last: Path | None = None):
+        self.learners, self.output_dir, self.cfg = learners, output_dir, cfg
+        self.last = str(last) if last else None
+        self._saving: Pending | None = None
+
+    def due(self, step: int, total: int) -> bool:
+        c = self.cfg.checkpoint
+        return bool(c.every and step % c.every == 0) or (step == total and c.final)
+
+    def save(self, step: int, extra: dict) -> None:
+        """Start writing `step` (after publishing the previous one)."""
+        self.finish()
+        self._saving = start(self.learners, self.output_dir, step, self.cfg, extra)
+
+    def finish(self) -> str | None:
+        """Publish the checkpoint being written, if any; returns the newest published one."""
+        if self._saving is not None:
+            saving, self._saving = self._saving, None
+            self.last = str(finish(saving, self.cfg.checkpoint.keep_last))
+        return self.last
+
+    def settle(self) -> str | None:
+        """`finish` for a run that stops on an error: a checkpoint whose rank died while saving stays unpublished
+        (its temp folder is incomplete). Returns the newest published one."""
+        import ray
+
+        try:
+            return self.finish()
+        except ray.exceptions.RayActorError:
+            return self.last
+
+    def save_now(self, step: int, extra: dict) -> str:
+        """Publish a checkpoint of `step` before the run stops (the one being written, if it is that step's)."""
+        if self._saving is None or self._saving.final.name != f"{PREFIX}{step:06d}":
+            self.save(step, extra)
+        return self.finish()
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -1,7 +1,10 @@
-"""The training loop: batch -> rollout -> learner step -> weight sync -> metrics (-> eval, checkpoint).
+"""The training run: `train` starts the actors, then runs the SDFT step as named stages —
 
-Strictly on-policy by default; with async.max_staleness = k generation runs up to k steps ahead
-(pipeline/scheduler.py). Learner ranks each take an equal slice of the step's samples.
+    sample → learn → publish weights → evaluate / monitor → log → checkpoint
+
+— each one call on `Run`, with recovery (a learner rank that died, non-finite steps, the checkpoint being written when
+the run stops) behind those calls. Strictly on-policy by default; with async.max_staleness = k generation runs up to
+k steps ahead (pipeline/rollouts.py). Learner ranks each take an equal slice of the step's samples.
 """
 
 from __future__ import annotations
@@ -23,17 +26,14 @@ from actors.messages import Sample, StepMetrics
 
 from . import checkpoint, gate
 from .config import MAX_CONSECUTIVE_SKIPS, Config
+from .errors import ForgettingLimit, LearnerFailed, SyncMismatch, TrainingDiverged
 from .console import forget_log, log_to_file, print_header
 from .data import Example, batch_indices, load_splits
 from .evaluation import check_metric, evaluate_all, load_eval_sets
 from .models import resolve_model
 from .monitor import ForgettingMonitor
-from .scheduler import RolloutScheduler
+from .rollouts import Rollouts
 from .tracking import MetricsLogger
-
-
-class SyncMismatch(RuntimeError):
-    pass
 
 
 def total_steps(cfg: Config, n_train: int) -> int:
@@ -53,18 +53,6 @@ def shard(samples: list, ranks: int) -> list[list]:
     return [samples[r * per : (r + 1) * per] for r in range(ranks)]
 
 
-class LearnerFailed(RuntimeError):
-    pass
-
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-class ForgettingLimit(RuntimeError):
-    pass
-
-
 def idle_ratios(record: dict, num_engines: int) -> dict:
     """Share of the step's wall time each side spent waiting: the learner outside its step, the engines
     outside generation (engine-side seconds, so overlapped generation counts as busy)."""
@@ -72,23 +60,6 @@ def idle_ratios(record: dict, num_engines: int) -> dict:
     busy = record.get("rollout", {}).get("busy_s", 0.0)
     return {"learner": max(0.0, 1 - record["timing_s"]["learner"] / wall),
             "rollout": max(0.0, 1 - busy / (wall * max(num_engines, 1)))}
-
-
-def _finish_if_saved(saving: checkpoint.Pending, keep_last: int) -> str | None:
-    try:
-        return str(checkpoint.finish(saving, keep_last))
-    except RayActorError:  # a rank died while saving: the temp folder stays incomplete and unpublished
-        return None
-
-
-def _save_now(saving: checkpoint.Pending | None, actors: Actors, out: Path, step: int, cfg: Config,
-              extra: dict) -> str:
-    """Publish a checkpoint of `step` before the run stops (the one being written, if it is that step's)."""
-    if saving is None or saving.final.name != f"{checkpoint.PREFIX}{step:06d}":
-        if saving is not None:
-            checkpoint.finish(saving, cfg.checkpoint.keep_last)
-        saving = checkpoint.start(actors.learners, out, step, cfg, extra)
-    return str(checkpoint.finish(saving, cfg.checkpoint.keep_last))
 
 
 def check_sync(actors: Actors, examples: list[Example], n: int = 2, max_new_tokens: int = 16) -> float:
@@ -166,7 +137,6 @@ def _train(cfg: Config, resume: bool | str, on_step: Callable[[int, Actors], Non
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-
     out = Path(cfg.output_dir)
     ckpt = checkpoint.prepare_output(out, resume, overwrite)
     if ckpt is not None:  # verified and compared before anything starts
@@ -175,130 +145,183 @@ def _train(cfg: Config, resume: bool | str, on_step: Callable[[int, Actors], Non
     model_path = resolve_model(cfg.model.path, cfg.train.seed)
     check_metric(cfg)
     state = checkpoint.trainer_state(ckpt) if ckpt else {"step": 0}
-    log_dir = out.resolve() / "logs"
-    actors, log_file, (tokenizer, train_set, eval_set, named_sets, monitor) = _start(cfg, model_path, state["step"],
-                                                                                    log_dir)
-    steps = total_steps(cfg, len(train_set))
-    batch_for_step = lambda step: [train_set[i] for i in batch_indices(  # noqa: E731
-        step, cfg.train.batch_size, len(train_set), cfg.train.seed, cfg.data.shuffle)]
-    rollouts = RolloutScheduler(actors, cfg, batch_for_step, steps)
+    actors, log_file, inputs = _start(cfg, model_path, state["step"], out.resolve() / "logs")
     try:
+        run = Run(cfg, actors, out, inputs, t_start)
+        run.begin(ckpt, state)
+        bar = tqdm(range(state["step"], run.steps), initial=state["step"], total=run.steps, desc=cfg.train.mode,
+                   disable=not cfg.logging.progress, dynamic_ncols=True)
+        for step in bar:  # the SDFT step
+            record, timings, t_step = {}, {}, time.perf_counter()
+            with timed(timings, "rollout"):
+                samples = run.sample(step, record)
+            with timed(timings, "learner"):
+                run.learn(step, samples, record)
+            with timed(timings, "sync"):
+                record["sync"] = run.publish(version=step + 1)
+            run.clock(record, timings, t_step)
+            run.evaluate(step + 1, record)
+            run.log(step + 1, record, bar)
+            run.checkpoint(step + 1)
+            run.stop_if_forgetting(step + 1, record)
+            if on_step is not None:
+                on_step(step + 1, actors)
+        return run.end()
+    finally:
+        actors.shutdown()
+        logging.getLogger().removeHandler(log_file)
+
+
+class Run:
+    """The stages of one training run over its actors; `_train` calls them in order, once per step."""
+
+    def __init__(self, cfg: Config, actors: Actors, out: Path, inputs: tuple, t_start: float):
+        self.cfg, self.actors, self.out, self.t_start = cfg, actors, out, t_start
+        self.tokenizer, self.train_set, self.eval_set, self.named_sets, self.monitor = inputs
+        self.steps = total_steps(cfg, len(self.train_set))
+        self.rollouts = Rollouts(actors, cfg, self.batch, self.steps)
+        self.weights = actors.sync  # the weight path's owner (actors/weight_sync)
+        self.skipped_in_a_row = 0  # train.on_nonfinite=skip
+
+    def batch(self, step: int) -> list[Example]:
+        cfg = self.cfg
+        return [self.train_set[i] for i in batch_indices(step, cfg.train.batch_size, len(self.train_set),
+                                                         cfg.train.seed, cfg.data.shuffle)]
+
+    # ---- before the first step --------------------------------------------------------------------------------
+    def begin(self, ckpt: Path | None, state: dict) -> None:
+        """Restore a checkpoint, open the metrics log and, on a fresh run, measure step 0 on the base weights (eval,
+        the forgetting monitor, the teacher gate)."""
+        cfg, actors = self.cfg, self.actors
+        self.checkpoints = checkpoint.Checkpoints(actors.learners, self.out, cfg, last=ckpt)
         if ckpt:
             try:
                 ray.get([lr.load.remote(str(ckpt)) for lr in actors.learners])
             except checkpoint.CheckpointError as e:  # raised in a learner: drop Ray's remote traceback
                 raise checkpoint.CheckpointError(str(getattr(e, "cause", e))) from None
-        logger = MetricsLogger(cfg, out, resume_step=state["step"] if ckpt else None, wandb_id=state.get("wandb_id"))
-        if monitor is not None:  # before any push: the engines still hold the base weights
-            monitor.start(actors, out, resume=ckpt is not None)
+        self.logger = MetricsLogger(cfg, self.out, resume_step=state["step"] if ckpt else None,
+                                    wandb_id=state.get("wandb_id"))
+        if self.monitor is not None:  # before any push: the engines still hold the base weights
+            self.monitor.start(actors, self.out, resume=ckpt is not None)
         if ckpt and cfg.engines_follow_student:  # engines loaded the base from disk; a resumed learner has moved on
-            rollouts.push(version=state["step"])
-        summary = {"steps": steps, "start_step": state["step"], "train_examples": len(train_set),
-                   "eval_examples": len(eval_set), "checkpoint": str(ckpt) if ckpt else None}
+            self.rollouts.wake()
+            self.weights.push(version=state["step"])
+        self.summary = {"steps": self.steps, "start_step": state["step"], "train_examples": len(self.train_set),
+                        "eval_examples": len(self.eval_set), "checkpoint": str(ckpt) if ckpt else None}
         start = {}  # the step-0 record, on the base weights
         if state["step"] == 0:
-            if eval_set or named_sets:
-                summary["eval_before"] = evaluate_all(actors.engines, eval_set, named_sets, tokenizer, cfg)
-                start["eval"] = summary["eval_before"]
-            if monitor is not None:
-                start["monitor"] = monitor.measure()
+            if self.eval_set or self.named_sets:
+                start["eval"] = self.summary["eval_before"] = self._eval()
+            if self.monitor is not None:
+                start["monitor"] = self.monitor.measure()
             if gate.applies(cfg):
-                start["gate"] = gate.teacher_gate(actors, train_set, tokenizer, cfg)
+                start["gate"] = gate.teacher_gate(actors, self.train_set, self.tokenizer, cfg)
         if start:
-            logger.log(0, start)
+            self.logger.log(0, start)
         if "gate" in start:
             gate.enforce(start["gate"], cfg)
 
-        saving = None  # a checkpoint being written in the background
-        skipped_in_a_row = 0  # train.on_nonfinite=skip
-        bar = tqdm(range(state["step"], steps), initial=state["step"], total=steps, desc=cfg.train.mode,
-                   disable=not cfg.logging.progress, dynamic_ncols=True)
-        for step in bar:
-            timings, record = {}, {}
-            t_step = time.perf_counter()
-            with timed(timings, "rollout"):
-                if cfg.train.distills:
-                    samples, record["rollout"] = rollouts.take(step)
-                else:  # SFT: the demonstrations are the targets; nothing to sample
-                    samples = [Sample(ex.student_ids, ex.demo_ids) for ex in batch_for_step(step)]
-            rollouts.sleep()
-            with timed(timings, "learner"):
-                try:  # rank 0 exports the weights; async: maybe still, next to its step (see RolloutScheduler)
-                    holds = [rollouts.exporting] + [None] * (len(actors.learners) - 1)
-                    calls = [lr.step.remote(part, hold) for lr, part, hold in
-                             zip(actors.learners, shard(samples, len(actors.learners)), holds)]
-                    if cfg.train.distills:
-                        rollouts.prefetch(step)  # async: the next steps' generation runs while the learner steps
-                    per_rank = ray.get(calls)
-                except RayActorError as e:
-                    if saving is not None:  # a checkpoint saved before the failed step is still good: publish it
-                        summary["checkpoint"] = _finish_if_saved(saving, cfg.checkpoint.keep_last)
-                        saving = None
-                    raise LearnerFailed(
-                        f"a learner rank died at step {step + 1} ({type(e).__name__}). Last complete checkpoint: "
-                        f"{summary['checkpoint'] or 'none'}; continue with `sdft train ... --resume`."
-                    ) from e
-                metrics = StepMetrics.merge(per_rank)
-                record.update(metrics.as_dict())
-            skip = bool(metrics.skipped) and cfg.train.on_nonfinite == "skip"  # the update was not applied
-            skipped_in_a_row = skipped_in_a_row + 1 if skip else 0
-            if skip:
-                record.update({k: None for k, v in metrics.as_dict().items() if not math.isfinite(v)})
-                logging.getLogger(__name__).warning("step %d skipped: %s", step + 1, metrics.describe_nonfinite())
-            if (not metrics.finite() and not skip) or skipped_in_a_row > MAX_CONSECUTIVE_SKIPS:
-                if saving is not None:  # saved before this step: still good
-                    summary["checkpoint"] = _finish_if_saved(saving, cfg.checkpoint.keep_last)
-                    saving = None
-                raise TrainingDiverged(
-                    f"step {step + 1} produced non-finite values ({metrics.describe_nonfinite()})"
-                    + (f", {skipped_in_a_row} skipped steps in a row" if skipped_in_a_row else "") + "; the weights are "
-                    f"not saved. Last good checkpoint: {summary['checkpoint'] or 'none'}. Try a lower train.lr or "
-                    "train.grad_clip, more train.warmup_steps, or check the data; resume with `sdft train ... "
-                    "--resume` from a good checkpoint.")
-            with timed(timings, "sync"):
-                if not cfg.engines_follow_student:  # dft: the engines keep sampling as the frozen teacher
-                    sync = {}
-                elif cfg.async_.max_staleness and not cfg.sync.check_greedy:
-                    # Overlap: this step's weights load into the engines while the learner runs the next step;
-                    # the record carries the push that finished meanwhile (the previous version's).
-                    sync = rollouts.wait_push()
-                    rollouts.push_async(version=step + 1)
-                else:
-                    sync = rollouts.push(version=step + 1)
-                    if cfg.sync.check_greedy:
-                        sync["greedy_match"] = check_sync(actors, train_set)
-            record["sync"] = sync
-            record["timing_s"] = {**timings, "step": time.perf_counter() - t_step}
-            record["elapsed_s"] = time.perf_counter() - t_start  # since train() began: start-up included
-            record["learner_tokens_per_s"] = record["tokens"] / timings["learner"]
-            record["idle"] = idle_ratios(record, len(actors.engines))
-            done = step + 1
-            due_eval = (cfg.eval.every and done % cfg.eval.every == 0) or done == steps
-            due_monitor = monitor is not None and monitor.due(done, steps)
-            if due_eval or due_monitor:
-                with rollouts.student_weights(version=done):  # dft: the engines hold the student's weights meanwhile
-                    if due_eval:
-                        record["eval"] = summary["eval_after"] = evaluate_all(
-                            actors.engines, eval_set, named_sets, tokenizer, cfg)
-                    if due_monitor:
-                        record["monitor"] = monitor.measure()
-            logger.log(done, record)
-            bar.set_postfix({k: "skipped" if record[k] is None else f"{record[k]:.4f}" for k in ("loss", "kl")})
-            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or (done == steps and cfg.checkpoint.final):
-                if saving is not None:
-                    summary["checkpoint"] = str(checkpoint.finish(saving, cfg.checkpoint.keep_last))
-                saving = checkpoint.start(actors.learners, out, done, cfg, {"wandb_id": logger.wandb_id})
-            if monitor is not None and monitor.over_limit(record):
-                summary["checkpoint"] = _save_now(saving, actors, out, done, cfg, {"wandb_id": logger.wandb_id})
-                raise ForgettingLimit(monitor.stop_message(done, record, summary["checkpoint"]))
-            summary["last"] = record
-            if on_step is not None:
-                on_step(done, actors)
-        rollouts.wait_push()
-        if saving is not None:
-            summary["checkpoint"] = str(checkpoint.finish(saving, cfg.checkpoint.keep_last))
-        logger.finish()
-        return summary
-    finally:
-        actors.shutdown()
-        logging.getLogger().removeHandler(log_file)
+    # ---- the step's stages ------------------------------------------------------------------------------------
+    def sample(self, step: int, record: dict) -> list[Sample]:
+        """The step's training sequences: the engines' samples (SDFT, DFT) or the demonstrations (SFT)."""
+        if not self.cfg.train.distills:
+            return [Sample(ex.student_ids, ex.demo_ids) for ex in self.batch(step)]
+        samples, record["rollout"] = self.rollouts.take(step)
+        return samples
+
+    def learn(self, step: int, samples: list[Sample], record: dict) -> StepMetrics:
+        """One optimizer step on every learner rank, each on its slice of the samples. Async mode: rank 0 may still
+        be exporting the previous weights next to it (`hold`), and the next steps' generation runs meanwhile."""
+        self.rollouts.sleep()
+        ranks = self.actors.learners
+        holds = [self.weights.hold] + [None] * (len(ranks) - 1)
+        calls = [lr.step.remote(part, hold) for lr, part, hold in zip(ranks, shard(samples, len(ranks)), holds)]
+        if self.cfg.train.distills:
+            self.rollouts.prefetch(step)
+        try:
+            metrics = StepMetrics.merge(ray.get(calls))
+        except RayActorError as e:
+            raise LearnerFailed(
+                f"a learner rank died at step {step + 1} ({type(e).__name__}). Last complete checkpoint: "
+                f"{self.checkpoints.settle() or 'none'}; continue with `sdft train ... --resume`.") from e
+        record.update(metrics.as_dict())
+        self._check_finite(step, metrics, record)
+        return metrics
+
+    def _check_finite(self, step: int, metrics: StepMetrics, record: dict) -> None:
+        """train.on_nonfinite=skip: a step whose update was dropped logs its non-finite values as None. A non-finite
+        step that was applied, or too many skipped in a row, stops the run."""
+        skip = bool(metrics.skipped) and self.cfg.train.on_nonfinite == "skip"
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skip else 0
+        if skip:
+            record.update({k: None for k, v in metrics.as_dict().items() if not math.isfinite(v)})
+            logging.getLogger(__name__).warning("step %d skipped: %s", step + 1, metrics.describe_nonfinite())
+        if (not metrics.finite() and not skip) or self.skipped_in_a_row > MAX_CONSECUTIVE_SKIPS:
+            in_a_row = self.skipped_in_a_row
+            raise TrainingDiverged(
+                f"step {step + 1} produced non-finite values ({metrics.describe_nonfinite()})"
+                + (f", {in_a_row} skipped steps in a row" if in_a_row else "") + "; the weights are not saved. Last "
+                f"good checkpoint: {self.checkpoints.settle() or 'none'}. Try a lower train.lr or train.grad_clip, "
+                "more train.warmup_steps, or check the data; resume with `sdft train ... --resume` from a good "
+                "checkpoint.")
+
+    def publish(self, version: int) -> dict:
+        """The learner's new weights to the engines. Async mode: they load next to the learner's next step, and the
+        record carries the push that finished meanwhile (the previous version's). Strict: now, and with
+        sync.check_greedy checked against the learner's greedy output. dft: the engines keep the frozen teacher."""
+        cfg = self.cfg
+        if not cfg.engines_follow_student:
+            return {}
+        self.rollouts.wake()
+        if cfg.async_.max_staleness and not cfg.sync.check_greedy:
+            stats = self.rollouts.wait_weights()
+            self.weights.start(version)
+            return stats
+        self.weights.start(version)
+        stats = self.rollouts.wait_weights()
+        if cfg.sync.check_greedy:
+            stats["greedy_match"] = check_sync(self.actors, self.train_set)
+        return stats
+
+    def clock(self, record: dict, timings: dict, t_step: float) -> None:
+        record["timing_s"] = {**timings, "step": time.perf_counter() - t_step}
+        record["elapsed_s"] = time.perf_counter() - self.t_start  # since train() began: start-up included
+        record["learner_tokens_per_s"] = record["tokens"] / timings["learner"]
+        record["idle"] = idle_ratios(record, len(self.actors.engines))
+
+    def evaluate(self, done: int, record: dict) -> None:
+        """Eval every eval.every steps and at the end; the forgetting monitor when it is due. Both score the student
+        (dft: the engines hold its weights meanwhile)."""
+        due_eval = (self.cfg.eval.every and done % self.cfg.eval.every == 0) or done == self.steps
+        due_monitor = self.monitor is not None and self.monitor.due(done, self.steps)
+        if due_eval or due_monitor:
+            with self.rollouts.student_weights(version=done):
+                if due_eval:
+                    record["eval"] = self.summary["eval_after"] = self._eval()
+                if due_monitor:
+                    record["monitor"] = self.monitor.measure()
+
+    def _eval(self) -> dict:
+        return evaluate_all(self.actors.engines, self.eval_set, self.named_sets, self.tokenizer, self.cfg)
+
+    def log(self, done: int, record: dict, bar) -> None:
+        self.logger.log(done, record)
+        bar.set_postfix({k: "skipped" if record[k] is None else f"{record[k]:.4f}" for k in ("loss", "kl")})
+        self.summary["last"] = record
+
+    def checkpoint(self, done: int) -> None:
+        if self.checkpoints.due(done, self.steps):
+            self.checkpoints.save(done, {"wandb_id": self.logger.wandb_id})
+
+    def stop_if_forgetting(self, done: int, record: dict) -> None:
+        """monitor.max_kl_to_base: save a checkpoint of this step and stop."""
+        if self.monitor is not None and self.monitor.over_limit(record):
+            path = self.checkpoints.save_now(done, {"wandb_id": self.logger.wandb_id})
+            raise ForgettingLimit(self.monitor.stop_message(done, record, path))
+
+    # ---- after the last step ----------------------------------------------------------------------------------
+    def end(self) -> dict:
+        self.rollouts.wait_weights()
+        self.summary["checkpoint"] = self.checkpoints.finish()
+        self.logger.finish()
+        return self.summary

@@ -1,5 +1,6 @@
-"""Rollouts as the driver sees them: generation submitted ahead of the learner within a staleness bound,
-weights pushed to every engine, and crashed engines restarted, re-synced and asked again.
+"""Rollouts as the driver sees them: generation submitted ahead of the learner within a staleness bound, and
+crashed engines restarted, re-synced and asked again. (The weights reach the engines through `actors.sync`, the
+weight path's one owner; generation is always submitted behind the newest weights.)
 
 Generation for step j is submitted while the learner works on step j - k (k = async.max_staleness), so it
 runs on weights at most k versions old; every sample carries the version that produced it. Engines execute
@@ -21,13 +22,11 @@ from actors.launcher import Actors
 from actors.messages import Completion, Sample
 from actors.rollout import submit_sharded
 
+from .config import Config
 from .data import Example
+from .errors import EngineFailed
 
 RESTART_TIMEOUT_S = 600
-
-
-class EngineFailed(RuntimeError):
-    pass
 
 
 def sample_seeds(seed: int, step: int, n: int) -> list[int]:
@@ -43,76 +42,48 @@ class _Pending:
     shards: list = field(default_factory=list)  # [(engine index, prompt indices, ObjectRef)]
 
 
-class RolloutScheduler:
-    def __init__(self, actors: Actors, cfg, batch_for_step: Callable[[int], list[Example]], total_steps: int):
+class Rollouts:
+    def __init__(self, actors: Actors, cfg: Config, batch_for_step: Callable[[int], list[Example]], total_steps: int):
         self.actors, self.cfg, self.batch_for_step, self.total_steps = actors, cfg, batch_for_step, total_steps
         self.pending: dict[int, _Pending] = {}
-        self.version = 0  # weight version the engines hold (= optimizer steps taken)
         self.restarts = 0
-        self._push = None  # a push in flight (async mode overlaps it with the learner's next step)
-        self._held = False  # that push's export may still be running next to the learner (not yet forwarded)
 
-    # ---- weights -------------------------------------------------------------------------------------------
-    def push(self, version: int) -> dict:
-        """Send the learner's weights as `version` to every engine and wait."""
-        self.push_async(version)
-        return self.wait_push()
+    # ---- engines ---------------------------------------------------------------------------------------------
+    def sleep(self) -> None:
+        """Colocated placement: engines release the GPU while the learner trains (a no-op on CPU)."""
+        if self.actors.colocated:
+            ray.get([e.sleep.remote() for e in self.actors.engines])
 
-    def push_async(self, version: int) -> None:
-        """Start sending `version`; the learner's next step may run meanwhile. Where the sync overlaps, the export
-        runs next to that step (which gets hold=`exporting`) and the engines get the weights before their next
-        generation, eval or `wait_push`; otherwise the step starts once the export is done (an actor runs one
-        caller's calls in order) and the engines get the weights now."""
-        self.version = version
+    def wake(self) -> None:
         if self.actors.colocated:
             ray.get([e.wake_up.remote() for e in self.actors.engines])
-        self._push = self.actors.sync.submit(version)
-        self._held = self.actors.sync.overlaps
-        if not self._held:
-            self._forward()
-
-    @property
-    def exporting(self) -> int | None:
-        """The version the learner may still be exporting: its next step's `hold` (None: nothing to wait for)."""
-        return self.version if self._held else None
-
-    def _forward(self) -> None:
-        """Hand the push in flight to the engines: what they are asked afterwards runs on the new weights."""
-        if self._push is not None:
-            self.actors.sync.forward(self._push)
-            self._held = False
-
-    def wait_push(self) -> dict:
-        """The stats of the push in flight ({} if none); engines that died meanwhile are awaited and re-synced."""
-        if self._push is None:
-            return {}
-        pending, self._push, self._held = self._push, None, False
-        try:
-            return self.actors.sync.collect(pending)
-        except RayActorError:
-            for i in range(len(self.actors.engines)):
-                self._await_engine(i)
-            return self.actors.sync.resync(list(range(len(self.actors.engines))))
 
     @contextmanager
     def student_weights(self, version: int):
         """Eval and the forgetting monitor score the student. Engines that sample as the frozen teacher (dft) hold
         the initial weights: they get the student's for the duration and the initial ones back after."""
+        sync = self.actors.sync
         if self.cfg.engines_follow_student:
-            self._forward()
+            sync.deliver()
             yield
             return
-        self.push(version)
+        self.wake()
+        sync.push(version)
         try:
             yield
         finally:
-            ray.get([e.restore_base.remote() for e in self.actors.engines])
-            self.version = 0
+            sync.restore_base()
 
-    def sleep(self) -> None:
-        """Colocated placement: engines release the GPU while the learner trains (a no-op on CPU)."""
-        if self.actors.colocated:
-            ray.get([e.sleep.remote() for e in self.actors.engines])
+    def wait_weights(self) -> dict:
+        """The stats of the weight push in flight ({} if none); engines that died under it are awaited and
+        re-synced."""
+        try:
+            return self.actors.sync.wait()
+        except RayActorError:
+            self.actors.sync.abandon()
+            for i in range(len(self.actors.engines)):
+                self._await_engine(i)
+            return self.actors.sync.resync(list(range(len(self.actors.engines))))
 
     def _await_engine(self, i: int) -> None:
         engine, deadline = self.actors.engines[i], time.monotonic() + RESTART_TIMEOUT_S
@@ -132,7 +103,7 @@ class RolloutScheduler:
         """A crashed engine restarts from the base weights: bring it to the current version before reuse."""
         self.restarts += 1
         self._await_engine(i)
-        if self.version:  # a restarted engine holds the initial weights: version 0
+        if self.actors.sync.version:  # a restarted engine holds the initial weights: version 0
             self.actors.sync.resync([i])
 
     # ---- generation ----------------------------------------------------------------------------------------
@@ -144,7 +115,7 @@ class RolloutScheduler:
         return ex.teacher_ids if self.cfg.rollout.context == "teacher" else ex.student_ids
 
     def _submit(self, step: int) -> None:
-        self._forward()  # behind the newest weights
+        self.actors.sync.deliver()  # behind the newest weights
         n = self.cfg.rollout.samples_per_prompt
         prompts = [ex for ex in self.batch_for_step(step) for _ in range(n)]
         job = _Pending(prompts, sample_seeds(self.cfg.train.seed, step, len(prompts)))

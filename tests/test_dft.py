@@ -7,7 +7,7 @@ import torch
 
 from pipeline.config import load_config
 
-SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")  # the tiny-model smoke config
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")  # the tiny-model smoke config
 
 
 def _cfg(*overrides):
@@ -65,7 +65,7 @@ def test_dft_loss_equals_a_float64_reference(ray_session, tiny_model):
 
     def first_loss(*overrides):
         cfg = _cfg("train.lr=1e-2", "train.warmup_steps=0", "loss.skip_first_tokens=1", *overrides)
-        actor = ray_session.remote(Learner).options(num_cpus=1).remote(cfg.model_dump(), tiny_model, 10,
+        actor = ray_session.remote(Learner).options(num_cpus=1).remote(cfg, tiny_model, 10,
                                                                       master_port=free_port())
         try:
             return ray_session.get(actor.step.remote(samples)).as_dict()
@@ -87,7 +87,7 @@ def test_dft_samples_on_the_teacher_context_and_eval_sees_the_student(ray_sessio
     from actors.launcher import launch
     from pipeline.data import batch_indices, load_splits
     from pipeline.driver import check_sync
-    from pipeline.scheduler import RolloutScheduler, sample_seeds
+    from pipeline.rollouts import Rollouts, sample_seeds
     from transformers import AutoTokenizer
 
     cfg = _cfg("train.mode=dft", f"output_dir={tmp_path}", "train.lr=5e-2", "train.warmup_steps=0",
@@ -97,7 +97,7 @@ def test_dft_samples_on_the_teacher_context_and_eval_sees_the_student(ray_sessio
     batch = lambda step: [train_set[i] for i in batch_indices(step, 4, len(train_set), 0, True)]  # noqa: E731
     actors = launch(cfg, tiny_model, 10)
     try:
-        engine, rollouts = actors.engines[0], RolloutScheduler(actors, cfg, batch, 10)
+        engine, rollouts = actors.engines[0], Rollouts(actors, cfg, batch, 10)
         prompts = [ex.student_ids for ex in train_set[:4]]
         greedy = lambda: [o.token_ids for o in ray_session.get(  # noqa: E731
             engine.generate.remote(prompts, max_new_tokens=8, temperature=0.0))]

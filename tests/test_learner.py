@@ -7,19 +7,20 @@ import torch
 
 from actors.net import free_port
 from actors.learner import Learner
+from actors.weight_sync import LEARNER_CONCURRENCY, SYNC_GROUP
 from actors.weight_sync.object_store import bucket_tensors
 from pipeline.config import load_config
 from samples import learner_samples
 
-SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")  # the tiny-model smoke config
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")  # the tiny-model smoke config
 
 
 pytestmark = pytest.mark.slow
 
 
-def _export(ray, actor, version=None, **options) -> dict:
+def _export(ray, actor, version=0, **options) -> dict:
     """The learner's full weights, read through the object-store export (`options`: e.g. its concurrency group)."""
-    stream = actor.sync_stream.options(num_returns="streaming", **options).remote("export", version=version)
+    stream = actor.export_weights.options(num_returns="streaming", **options).remote(version)
     return dict(t for ref in stream for t in bucket_tensors(ray.get(ref)))
 
 
@@ -27,10 +28,10 @@ def _run(ray, model, *overrides, steps=2):
     cfg = load_config(SMOKE, ["train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-2", "train.warmup_steps=0",
                               "loss.skip_first_tokens=1", *overrides])
     actor = ray.remote(Learner).options(num_cpus=1, runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}}).remote(
-        cfg.model_dump(), model, 10, master_port=free_port())
+        cfg, model, 10, master_port=free_port())
     try:
         metrics = [ray.get(actor.step.remote(learner_samples())).as_dict() for _ in range(steps)]
-        ray.get(actor.open_sync.remote("object_store"))
+        ray.get(actor.open_weight_sync.remote("object_store", None))
         return metrics, _export(ray, actor)
     finally:
         ray.kill(actor)
@@ -71,14 +72,14 @@ def test_on_nonfinite_skip_leaves_the_weights_and_training_goes_on(ray_session, 
 
     cfg = load_config(SMOKE, ["train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-2", "train.warmup_steps=0",
                               f"train.zero_stage={stage}", "train.on_nonfinite=skip"])
-    actor = ray_session.remote(Learner).options(num_cpus=1).remote(cfg.model_dump(), tiny_model, 10,
+    actor = ray_session.remote(Learner).options(num_cpus=1).remote(cfg, tiny_model, 10,
                                                                   master_port=free_port())
 
     def weights():
         return _export(ray_session, actor)
 
     try:
-        ray_session.get(actor.open_sync.remote("object_store"))
+        ray_session.get(actor.open_weight_sync.remote("object_store", None))
         good = learner_samples()
         bad = [dataclasses.replace(s, logprobs=[float("nan")] * len(s.logprobs)) for s in good]
         before = weights()
@@ -99,15 +100,15 @@ def test_export_runs_next_to_a_step_whose_update_waits_for_it(ray_session, tiny_
     step called with hold=v runs; that step's update waits until the export is done, so the exported weights are
     the ones before the step."""
     cfg = load_config(SMOKE, ["train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-2", "train.warmup_steps=0"])
-    actor = ray_session.remote(concurrency_groups={"sync": 1})(Learner).options(num_cpus=1).remote(
-        cfg.model_dump(), tiny_model, 10, master_port=free_port())
+    actor = ray_session.remote(concurrency_groups=LEARNER_CONCURRENCY)(Learner).options(num_cpus=1).remote(
+        cfg, tiny_model, 10, master_port=free_port())
     try:
-        ray_session.get(actor.open_sync.remote("object_store"))
+        ray_session.get(actor.open_weight_sync.remote("object_store", None))
         before = {k: v.clone() for k, v in _export(ray_session, actor).items()}
         step = actor.step.remote(learner_samples(), hold=1)
         ready, _ = ray_session.wait([step], timeout=5)
         assert not ready  # forward and backward done, the update held: version 1 is not exported yet
-        exported = _export(ray_session, actor, 1, concurrency_group="sync")  # runs while the step waits
+        exported = _export(ray_session, actor, 1, concurrency_group=SYNC_GROUP)  # runs while the step waits
         _close(exported, before, 0.0)
         assert ray_session.get(step, timeout=60).finite()
         after = _export(ray_session, actor)

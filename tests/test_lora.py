@@ -14,7 +14,7 @@ import torch
 from pipeline.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = str(ROOT / "configs" / "default.yaml")  # the tiny-model smoke config
+SMOKE = str(ROOT / "configs" / "smoke.yaml")  # the tiny-model smoke config
 
 
 # ---- config --------------------------------------------------------------------------------------------------
@@ -162,11 +162,11 @@ def _learner_run(ray, model, *overrides, steps=2):
     cfg = load_config(SMOKE, ["model.lora.r=8", "train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-2",
                               "train.warmup_steps=0", "loss.skip_first_tokens=1", *overrides])
     actor = ray.remote(Learner).options(num_cpus=1, runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}}).remote(
-        cfg.model_dump(), model, 10, master_port=free_port())
+        cfg, model, 10, master_port=free_port())
     try:
         metrics = [ray.get(actor.step.remote(learner_samples())).as_dict() for _ in range(steps)]
-        ray.get(actor.open_sync.remote("lora"))
-        exported = ray.get(actor.sync.remote("export"))
+        ray.get(actor.open_weight_sync.remote("lora", None))
+        (exported,) = [ray.get(ref) for ref in actor.export_weights.options(num_returns="streaming").remote(0)]
         return metrics, dict(bucket_tensors(exported["tensors"])), exported["config"]
     finally:
         ray.kill(actor)
@@ -317,7 +317,7 @@ def test_merged_export_loads_in_hf_and_vllm_and_generates_like_the_adapter(lora_
     assert _hf_greedy(AutoModelForCausalLM.from_pretrained(out), PROMPTS) == want
     cfg = load_config(SMOKE, [f"model.path={out}"])  # LoRA off: a plain model
     engine = ray_session.remote(RolloutEngine).options(
-        num_cpus=0.5, runtime_env={"env_vars": engine_env(cfg.rollout)}).remote(str(out), cfg.model_dump())
+        num_cpus=0.5, runtime_env={"env_vars": engine_env(cfg.rollout)}).remote(str(out), cfg)
     try:
         got = ray_session.get(engine.generate.remote(PROMPTS, max_new_tokens=8, temperature=0.0))
     finally:

@@ -19,41 +19,62 @@ import tempfile
 import time
 from pathlib import Path
 
-import ray
 import torch
 
-from .object_store import bucket_arrays, bucket_tensors
+from .object_store import bucket_payload, bucket_tensors
 
 
-class Sender:
+class LoRASender:
     """Learner side (rank 0 exports; the other ranks hold the same adapter)."""
 
     def __init__(self, learner, dtype: str | None = None):
         self.learner = learner
         self.dtype = getattr(torch, dtype) if dtype else None
 
-    def export(self) -> dict:
+    def init_info(self, num_engines: int) -> list[dict]:
+        return [{}] * num_engines
+
+    def connect(self) -> None:
+        """Nothing to join."""
+
+    def updates(self):
+        """The one payload: the adapter config and its tensors, put once into the object store."""
         from ..adapters import STUDENT, adapter_config, adapter_params
 
         model = self.learner.engine.module
         tensors = [(name, p.detach().to(device="cpu", dtype=self.dtype or p.dtype))
                    for name, p in adapter_params(model, STUDENT).items()]
-        return {"config": adapter_config(model, STUDENT), "tensors": bucket_arrays(tensors)}
+        yield {"config": adapter_config(model, STUDENT), "tensors": bucket_payload(tensors)}
+
+    def send(self) -> None:
+        """Everything went in the payload."""
+
+    def release(self) -> None:
+        """The object store frees the adapter once every engine has loaded it."""
+
+    def close(self) -> None:
+        """Nothing to leave."""
 
 
-class Receiver:
-    """Engine side: one call per version, with the exported adapter. The adapter in use is the engine's own
+class LoRAReceiver:
+    """Engine side: the adapter arrives in one `update`, goes live at `finish`. The adapter in use is the engine's own
     `lora_request` (None: the base), so a receiver opened again on a live engine carries on from it."""
 
     def __init__(self, engine):
-        self.engine = engine
+        self.engine, self.stats = engine, {}
         previous = engine.lora_request
         # Each adapter in a folder of its own under one temp folder per engine process; the one in use is kept
         # (vLLM reads it again should it ever drop it from its cache), the previous one deleted.
         self.root = Path(previous.lora_path).parent if previous is not None else Path(
             tempfile.mkdtemp(prefix="sdft-lora-"))
 
-    def load(self, adapter: dict, version: int) -> dict:
+    def init(self, init_info: dict) -> None:
+        """No transfer engine: vLLM loads adapters by itself."""
+
+    def begin(self) -> None:
+        self.stats = {"load_s": 0.0, "bytes": 0}
+
+    def update(self, adapter: dict) -> None:
         from vllm.lora.request import LoRARequest
 
         from ..adapters import write_adapter
@@ -62,44 +83,22 @@ class Receiver:
         tensors = dict(bucket_tensors(adapter["tensors"]))
         previous = self.engine.lora_request
         lora_id = next(self.engine.lora_ids)  # vLLM caches adapters by id: a new one each time
-        folder = write_adapter(self.root / f"v{version}-{lora_id}", adapter["config"], tensors)
-        request = LoRARequest(f"student-v{version}-{lora_id}", lora_id, str(folder))
+        folder = write_adapter(self.root / f"adapter-{lora_id}", adapter["config"], tensors)
+        request = LoRARequest(f"student-{lora_id}", lora_id, str(folder))
         engine = self.engine.llm.llm_engine
         if not engine.add_lora(request):
-            raise RuntimeError(f"vLLM did not load the student adapter of version {version} from {folder}")
+            raise RuntimeError(f"vLLM did not load the student adapter from {folder}")
         self.engine.lora_request = request
         if previous is not None:
             engine.remove_lora(previous.lora_int_id)
             shutil.rmtree(previous.lora_path, ignore_errors=True)
+        self.stats = {"load_s": time.perf_counter() - t0,
+                      "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+
+    def finish(self, version: int) -> dict:
         self.engine.llm.reset_prefix_cache()  # cached prefixes were computed under the previous adapter
         self.engine.weight_version = version
-        return {"load_s": time.perf_counter() - t0, "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+        return self.stats
 
-
-class Transport:
-    """Driver side."""
-
-    def __init__(self, learners: list, engines: list, *, backend: str = "lora", zero3: bool = False):
-        self.learners = learners
-
-    def submit(self, version: int, engines: list) -> tuple:
-        """Export (returns once rank 0 has put the adapter: its weights are then free to change) and hand the one
-        object-store copy to every engine, which loads it before its next generation."""
-        t0 = time.perf_counter()
-        ref = self.learners[0].sync.remote("export")
-        ray.wait([ref], fetch_local=False)
-        transport_s = time.perf_counter() - t0
-        return transport_s, [e.sync.remote("load", ref, version) for e in engines]
-
-    def forward(self, handle: tuple) -> None:
-        """Nothing left to hand over: `submit` already gave the engines their calls."""
-
-    def collect(self, handle: tuple) -> dict:
-        transport_s, loads = handle
-        stats = ray.get(loads)
-        return {"bytes": stats[0]["bytes"] if stats else 0, "transport_s": transport_s,
-                "load_s": max((s["load_s"] for s in stats), default=0.0)}
-
-    def resync(self, engines: list, version: int) -> dict:
-        """A restarted engine has no adapter (the base, version 0): send it the current one."""
-        return self.collect(self.submit(version, engines))
+    def close(self) -> None:
+        """Nothing to leave."""

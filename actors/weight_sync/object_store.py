@@ -2,24 +2,24 @@
 
 One copy on the way, and loading overlaps it: learner rank 0 yields its live parameters (no clone) bucket by
 bucket from a streaming Ray call, each bucket as numpy arrays that Ray writes out of band straight into shared
-memory; as each bucket's ref appears the driver hands it to every engine, which maps it without a copy and feeds it
-to vLLM's layerwise reload (`initialize_layerwise_reload` → `model.load_weights` per bucket →
-`finalize_layerwise_reload`; on CPU the worker prepacks linear weights, so a plain `load_weights` would leave them
-stale). So the engines load bucket k while the learner puts bucket k + 1. Under ZeRO-3 every rank joins each
+memory; as each bucket's ref appears the driver hands it to every engine, which maps it without a copy and passes it
+to vLLM's weight-transfer API (`update_weights`, between `start_weight_update` and `finish_weight_update`), received
+by the worker-side engine below, registered with vLLM's factory at engine start: vLLM's layerwise reload, as its NCCL
+engine runs it. So the engines load bucket k while the learner puts bucket k + 1. Under ZeRO-3 every rank joins each
 bucket's gather and rank 0 puts it while it is gathered.
 
 The object store holds a pushed version until every engine has loaded it, so the learner may update its weights as soon
 as its export returns. In async mode the export also runs next to the learner's next step: rank 0 puts the buckets
 from its `sync` concurrency group while the step's forward and backward run, and the step's update waits for the
-export (`Learner.step(hold=version)`); the engines receive the buckets at `forward`, before their next generation.
+export (`Learner.step(hold=version)`); the engines receive the buckets at `WeightSync.deliver`, before their next generation.
 """
 
 from __future__ import annotations
 
-import time
+import functools
 import warnings
+from dataclasses import dataclass
 
-import ray
 import torch
 
 from .gather import iter_buckets
@@ -53,13 +53,14 @@ def bucket_arrays(bucket: list) -> list:
     return out
 
 
-def bucket_tensors(bucket: list) -> list[tuple[str, torch.Tensor]]:
+def bucket_tensors(payload: dict) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) views of one exported bucket's shared memory (read-only)."""
-    return [(name, _from_numpy(dtype, array)) for name, dtype, array in bucket]
+    return [(name, _from_numpy(dtype, array))
+            for name, dtype, array in zip(payload["names"], payload["dtype_names"], payload["arrays"])]
 
 
-class Sender:
-    """Learner side (one per rank)."""
+class ObjectStoreSender:
+    """Learner side. Rank 0 streams the buckets from its export; under ZeRO-3 the other ranks join each gather."""
 
     def __init__(self, learner, dtype: str | None = None):
         self.learner = learner
@@ -70,99 +71,89 @@ class Sender:
         return iter_buckets(lr.engine.module, zero3=lr.cfg.train.zero_stage == 3, bucket_bytes=BUCKET_BYTES,
                             dtype=self.dtype, device="cpu")
 
-    def export(self):
-        """Rank 0, as a streaming call: each bucket, put into the object store as it is yielded."""
-        for bucket in self._buckets():
-            yield bucket_arrays(bucket)
+    def init_info(self, num_engines: int) -> list[dict]:
+        return [{}] * num_engines
 
-    def drain(self) -> None:
-        """Ranks > 0 under ZeRO-3: join every bucket's gather."""
-        for _ in self._buckets():
+    def connect(self) -> None:
+        """Nothing to join: the object store is there already."""
+
+    def updates(self):
+        """Each bucket as it is gathered, put into the object store as it is yielded (a streaming call)."""
+        for bucket in self._buckets():
+            yield bucket_payload(bucket)
+
+    def send(self) -> None:
+        """Ranks > 0 under ZeRO-3: join every bucket's gather (rank 0 gathers in `updates`)."""
+        if self.learner.rank > 0:
+            for _ in self._buckets():
+                pass
+
+    def release(self) -> None:
+        """The object store frees a version once every engine has loaded it."""
+
+    def close(self) -> None:
+        """Nothing to leave."""
+
+
+def bucket_payload(bucket: list) -> dict:
+    """One `update_weights` payload: vLLM's metadata fields plus the arrays, which Ray writes out of band into shared
+    memory (tied names in one bucket share one array, stored once)."""
+    named = bucket_arrays(bucket)
+    return {"names": [n for n, _, _ in named], "dtype_names": [d for _, d, _ in named],
+            "shapes": [list(a.shape) for _, _, a in named], "arrays": [a for _, _, a in named]}
+
+
+@functools.cache
+def _engine_cls() -> type:
+    """The worker-side engine: vLLM's `WeightTransferEngine` whose payloads carry the weights themselves (built
+    lazily: subclassing imports vLLM, which a learner rank never needs)."""
+    from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferInitInfo, \
+        WeightTransferUpdateInfo
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    @dataclass
+    class InitInfo(WeightTransferInitInfo):
+        pass
+
+    @dataclass
+    class UpdateInfo(WeightTransferUpdateInfo):
+        names: list[str]
+        dtype_names: list[str]
+        shapes: list[list[int]]
+        arrays: list
+
+    class ObjectStoreWeightTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
+        """Layerwise reload like vLLM's NCCL engine, fed from the mapped buckets: on CPU the worker prepacks linear
+        weights, so a plain `load_weights` would leave them stale."""
+
+        init_info_cls, update_info_cls = InitInfo, UpdateInfo
+
+        def init_transfer_engine(self, init_info: InitInfo) -> None:
             pass
 
+        def start_weight_update(self) -> None:
+            initialize_layerwise_reload(self.model)
 
-# vLLM's layerwise reload, run on the engine's worker (collective_rpc passes the worker first).
-def _begin(worker) -> None:
-    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+        def update_weights(self, update_info: dict) -> None:
+            # the base class also synchronizes an accelerator, which a CPU worker has not got
+            self.receive_weights(self.parse_update_info(update_info))
 
-    initialize_layerwise_reload(worker.model_runner.get_model())
+        def receive_weights(self, update_info: UpdateInfo) -> None:
+            self.model.load_weights([(name, _from_numpy(dtype, array)) for name, dtype, array in
+                                     zip(update_info.names, update_info.dtype_names, update_info.arrays)])
 
+        def finish_weight_update(self) -> None:
+            finalize_layerwise_reload(self.model, self.model_config)
 
-def _feed(worker, weights: list) -> None:
-    from vllm.config import set_current_vllm_config
+        def shutdown(self) -> None:
+            pass
 
-    with set_current_vllm_config(worker.vllm_config):
-        worker.model_runner.get_model().load_weights(weights)
-
-
-def _finish(worker) -> None:
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-    with set_current_vllm_config(worker.vllm_config):
-        finalize_layerwise_reload(worker.model_runner.get_model(), worker.vllm_config.model_config)
+    return ObjectStoreWeightTransferEngine
 
 
-class Receiver:
-    """Engine side: begin, one feed per bucket as it arrives, finish."""
+def register_engine(name: str) -> None:
+    """Make `name` a weight-transfer backend of vLLM's worker in this process (once)."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-    def __init__(self, engine):
-        self.engine, self.busy, self.bytes = engine, 0.0, 0
-
-    def begin(self) -> None:
-        t0 = time.perf_counter()
-        self.engine.llm.collective_rpc(_begin)
-        self.busy, self.bytes = time.perf_counter() - t0, 0
-
-    def feed(self, bucket: list) -> None:
-        t0 = time.perf_counter()
-        weights = bucket_tensors(bucket)
-        self.engine.llm.collective_rpc(_feed, args=(weights,))
-        self.bytes += sum(t.numel() * t.element_size() for _, t in weights)
-        self.busy += time.perf_counter() - t0
-
-    def finish(self, version: int) -> dict:
-        """Process what the layers received and drop cached prefixes: their KV came from the old weights."""
-        t0 = time.perf_counter()
-        self.engine.llm.collective_rpc(_finish)
-        self.engine.llm.reset_prefix_cache()
-        self.engine.weight_version = version
-        return {"load_s": self.busy + time.perf_counter() - t0, "bytes": self.bytes}
-
-
-class Transport:
-    """Driver side. `submit` starts the export, `forward` hands its buckets to the engines as they come, `collect`
-    waits for the engines to load them. The export runs in the learner's `sync` concurrency group: between `submit`
-    and `forward` the driver may start the learner's next step (hold=version), whose update waits for the export."""
-
-    def __init__(self, learners: list, engines: list, *, backend: str = "object_store", zero3: bool):
-        self.learners, self.zero3 = learners, zero3
-
-    def submit(self, version: int, engines: list) -> dict:
-        drains = [lr.sync.remote("drain") for lr in self.learners[1:]] if self.zero3 else []
-        stream = self.learners[0].sync_stream.options(num_returns="streaming", concurrency_group="sync").remote(
-            "export", version=version)
-        return {"version": version, "engines": engines, "drains": drains, "stream": stream, "calls": None}
-
-    def forward(self, push: dict) -> None:
-        """Stream the export to the engines (once); returns when the learner has put every bucket, with the engines
-        still loading. Calls made to the engines after this land behind the new weights."""
-        if push["calls"] is not None:
-            return
-        t0, engines = time.perf_counter(), push["engines"]
-        calls = [e.sync.remote("begin") for e in engines]
-        for ref in push["stream"]:
-            calls += [e.sync.remote("feed", ref) for e in engines]
-        push["transport_s"] = time.perf_counter() - t0
-        push["calls"], push["finishes"] = calls, [e.sync.remote("finish", push["version"]) for e in engines]
-
-    def collect(self, push: dict) -> dict:
-        self.forward(push)
-        ray.get(push["drains"] + push["calls"])
-        stats = ray.get(push["finishes"])
-        return {"bytes": stats[0]["bytes"], "transport_s": push["transport_s"],
-                "load_s": max(s["load_s"] for s in stats)}
-
-    def resync(self, engines: list, version: int) -> dict:
-        """A restarted engine holds the base weights: send it the current ones."""
-        return self.collect(self.submit(version, engines))
+    if name not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(name, _engine_cls())

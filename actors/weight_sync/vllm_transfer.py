@@ -8,20 +8,18 @@
 * `ipc` (colocated): CUDA IPC handles of the learner's own tensors (zero copy); each engine worker opens them
   and copies. Handles are keyed by the learner GPU's UUID, so only an engine on that GPU can open them.
 
-Driver call order (`Transport`): once `setup` on rank 0 → `connect` on rank 0 concurrently with `init` on every
-engine (the NCCL rendezvous); per sync `update_info` (metadata or handles, nothing sent) → `send` on the
-learner ranks concurrently with `receive` on every engine → `release` once every engine returned (IPC handles
-point at learner memory). Every sync sends the whole model: vLLM's layerwise reload rebuilds each layer from
-what it receives. A restarted engine cannot join an existing NCCL group: the group is closed and formed anew.
+Per version (`WeightSync`): `updates` yields one payload (names, dtypes, shapes; ipc: also the handles) that every
+engine passes to vLLM's `update_weights`, while `send` on the learner ranks broadcasts (nccl); `release` once every
+engine is done (IPC handles point at learner memory). The engine side is `receiver.TransferReceiver`, shared with
+the object-store backend. Every sync sends the whole model: vLLM's layerwise reload rebuilds each layer from what it
+receives. A restarted engine cannot join an existing NCCL group: the group is closed and formed anew.
 """
 
 from __future__ import annotations
 
 import base64
 import functools
-import os
 import pickle
-import time
 from typing import Any
 
 import ray
@@ -31,14 +29,6 @@ from ..net import free_port
 from .gather import full_shapes, iter_buckets, state_dict_copy
 
 BUCKET_BYTES = 1 << 30  # ZeRO-3: parameters gathered at a time
-
-
-def engine_kwargs(backend: str) -> dict[str, Any]:
-    """`LLM(...)` kwargs that create the worker-side transfer engine. For `ipc` it also sets the flag the worker
-    needs to unpickle IPC handles, which vLLM reads once at engine start: call it before `LLM(...)`."""
-    if backend == "ipc":
-        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    return {"weight_transfer_config": {"backend": backend}}
 
 
 @functools.cache
@@ -71,7 +61,7 @@ class _NoopClient:
     def finish_weight_update(self, weight_version: str | None = None) -> None: ...
 
 
-class Sender:
+class VLLMSender:
     """Learner side. Rank 0 holds the NCCL endpoint; under ZeRO-3 the other ranks only join the gathers."""
 
     def __init__(self, learner, backend: str):
@@ -80,7 +70,7 @@ class Sender:
         self._engine: Any = None  # vLLM's NCCL trainer engine once connected
         self._staged: dict | None = None  # ipc: the tensors the handles point at, kept until release()
 
-    def setup(self, num_engines: int) -> list[dict]:
+    def init_info(self, num_engines: int) -> list[dict]:
         """Rank 0: the init payload of each engine (`nccl`: the rendezvous address and the engine's rank)."""
         if self.backend == "ipc":
             return [{"packed": False}] * num_engines  # one handle per tensor, no staging buffer
@@ -104,7 +94,7 @@ class Sender:
             self._engine = WeightTransferTrainerFactory.trainer_init(
                 self._init, client=_NoopClient(), source=_lazy_source_cls()(self.module, self.zero3))
 
-    def update_info(self) -> tuple[dict, int]:
+    def updates(self):
         """Rank 0: what the engines are about to receive (names, dtypes, shapes; ipc: also the handles)."""
         meta = full_shapes(self.module)
         info: dict[str, Any] = {"names": [n for n, _, _ in meta],
@@ -112,7 +102,7 @@ class Sender:
                                 "shapes": [list(s) for _, _, s in meta]}
         if self.backend == "ipc":
             info["ipc_handles_pickled"] = self._ipc_handles()
-        return info, sum(torch.Size(s).numel() * d.itemsize for _, d, s in meta)
+        yield info
 
     def _ipc_handles(self) -> str:
         """Per-tensor CUDA IPC handles, pickled and base64-encoded so vLLM's msgpack RPC carries a plain str."""
@@ -128,7 +118,7 @@ class Sender:
 
     def send(self) -> None:
         """nccl: rank 0 broadcasts while gathering; under ZeRO-3 the other ranks join each gather. ipc: no-op,
-        the handles went out with `update_info`."""
+        the handles went out with `updates`."""
         if self.backend == "ipc":
             return
         if self.rank == 0:
@@ -149,75 +139,3 @@ class Sender:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
-
-
-class Receiver:
-    """Engine side: a handshake once, then one full update per sync."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def init(self, init_info: dict) -> None:
-        """For nccl this blocks until the learner's `Sender.connect`."""
-        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
-
-        self.engine.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
-
-    def receive(self, update_info: dict, version: int) -> dict:
-        """Load one full update (for nccl, inside the broadcast), then drop the prefix cache of the old weights.
-        The engine must be awake and idle: the scheduler only syncs between generations."""
-        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
-
-        t0 = time.perf_counter()
-        llm = self.engine.llm
-        llm.start_weight_update()
-        llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))
-        llm.finish_weight_update()  # processes layers and copies into the live (CUDA-graph) storage
-        if not llm.reset_prefix_cache():
-            raise RuntimeError("reset_prefix_cache failed: requests were running during a weight sync")
-        self.engine.weight_version = version
-        return {"load_s": time.perf_counter() - t0}
-
-    def close(self) -> None:
-        self.engine.llm.shutdown_weight_transfer_engine()
-
-
-class Transport:
-    """Driver side."""
-
-    def __init__(self, learners: list, engines: list, *, backend: str, zero3: bool):
-        self.learners, self.backend, self.zero3 = learners, backend, zero3
-        self._connect(engines)
-
-    def _connect(self, engines: list) -> None:
-        self.engines = engines
-        infos = ray.get(self.learners[0].sync.remote("setup", len(engines)))
-        ray.get([self.learners[0].sync.remote("connect")]
-                + [e.sync.remote("init", info) for e, info in zip(engines, infos)])
-
-    def submit(self, version: int, engines: list) -> tuple:
-        update_info, nbytes = ray.get(self.learners[0].sync.remote("update_info"))
-        senders = self.learners if self.zero3 else self.learners[:1]
-        return nbytes, [e.sync.remote("receive", update_info, version) for e in engines], \
-            [lr.sync.remote("send") for lr in senders]
-
-    def forward(self, handle: tuple) -> None:
-        """Nothing left to hand over: `submit` already gave the engines their calls."""
-
-    def collect(self, handle: tuple) -> dict:
-        nbytes, receives, sends = handle
-        stats = ray.get(receives)
-        ray.get(sends)
-        ray.get(self.learners[0].sync.remote("release"))  # IPC handles point at learner memory until now
-        return {"bytes": nbytes, "load_s": max(s["load_s"] for s in stats)}
-
-    def resync(self, restarted: list, version: int) -> dict:
-        if self.backend == "ipc":  # no group: hand the new engines their payload, then the weights
-            infos = ray.get(self.learners[0].sync.remote("setup", len(restarted)))
-            ray.get([e.sync.remote("init", info) for e, info in zip(restarted, infos)])
-            return self.collect(self.submit(version, restarted))
-        # nccl: membership is fixed at the rendezvous; the restarted engine's old rank is gone with it.
-        alive = [e for e in self.engines if e not in restarted]
-        ray.get([self.learners[0].sync.remote("close")] + [e.sync.remote("close") for e in alive])
-        self._connect(self.engines)
-        return self.collect(self.submit(version, self.engines))
