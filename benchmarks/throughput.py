@@ -26,7 +26,7 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 
 def _run(name: str, args, *overrides) -> dict:
     from pipeline.config import load_config
-    from pipeline.driver import train
+    from pipeline.run.driver import train
 
     out = Path(tempfile.mkdtemp(prefix="bench-"))
     cfg = load_config(SMOKE, [

@@ -132,7 +132,7 @@ def _sdft_config(row: str, spec: dict, out: Path):
 def _sdft_worker(row: str, spec: dict) -> dict:
     sys.path.insert(0, str(ROOT))
     from pipeline.config import CheckpointConfig
-    from pipeline.driver import train
+    from pipeline.run.driver import train
 
     out = Path(tempfile.mkdtemp(prefix=f"vs-trl-{row}-"))
     cfg = _sdft_config(row, spec, out)

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .checkpoint import verify
+from .run.checkpoint import verify
 from .config import DEFAULT_CONFIG, load_config
 from .errors import CheckpointError, ConfigError, SdftError
 
@@ -74,8 +74,8 @@ def _split_config_arg(config: str | None, overrides: list[str]) -> tuple[str | N
 
 
 def _train(args) -> dict:
-    from .console import print_summary
-    from .driver import train
+    from .run.console import print_summary
+    from .run.driver import train
 
     config, overrides = _split_config_arg(args.config, args.overrides)
     resume, config, overrides = _resume_mode(args.resume, config, overrides)
@@ -112,7 +112,7 @@ def _eval(args) -> dict:
     import ray
 
     from .data import load_splits
-    from .evaluation import evaluate
+    from .experiments.evaluation import evaluate
 
     ckpt = Path(args.checkpoint)
     if (ckpt / "trainer_state.json").exists():  # a checkpoint of `sdft train`: check it matches its manifest
@@ -158,7 +158,7 @@ def _eval_log_dir(ckpt: Path) -> Path:
 
 
 def _compare(args) -> dict:
-    from .compare import parse_stages, run_compare, run_sequential
+    from .experiments.compare import parse_stages, run_compare, run_sequential
 
     config, overrides = _split_config_arg(args.config, args.overrides)
     if args.steps:
@@ -204,8 +204,8 @@ def _stopped(args, argv: list[str]) -> str:
     """Where Ctrl-C left a run (the last step logged, the last complete checkpoint) and how to go on."""
     import shlex
 
-    from . import console
-    from .checkpoint import latest
+    from .run import console
+    from .run.checkpoint import latest
 
     if args.command != "train" or console.current_log is None:
         return "sdft: stopped" + (" before training started" if args.command == "train" else "")
@@ -224,7 +224,7 @@ def _save_traceback(e: BaseException) -> Path:
     import time
     import traceback
 
-    from . import console
+    from .run import console
 
     log = console.current_log
     if log is None or not log.parent.is_dir():
@@ -237,7 +237,7 @@ def _save_traceback(e: BaseException) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import console
+    from .run import console
     from .models import first_line
 
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -359,7 +359,7 @@ class SyncConfig(_Section):
     backend: Literal["auto", "object_store", "nccl", "ipc"] = Field(
         "auto",
         description="weight path learner -> engines; auto: object_store on CPU, nccl (disaggregated) or ipc "
-        "(colocated) on GPU",
+        "(colocated; nccl when ZeRO-3 spans several learner ranks) on GPU",
     )
     check_greedy: bool = Field(
         False, description="after every sync, assert vLLM greedy == learner greedy (debug)"

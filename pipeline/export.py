@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .checkpoint import OutputError, verify
+from .run.checkpoint import OutputError, verify
 from .config import load_config
 from .models import ModelNotFound, resolve_model
 

@@ -13,7 +13,7 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.driver import train  # noqa: E402
+from pipeline.run.driver import train  # noqa: E402
 
 
 def main(config: str, out: str) -> None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline import checkpoint
-from pipeline.checkpoint import CheckpointError, check_config, config_changes, resume_point, verify, write_manifest
+from pipeline.run import checkpoint
+from pipeline.run.checkpoint import CheckpointError, check_config, config_changes, resume_point, verify, write_manifest
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
 
@@ -87,7 +87,7 @@ def test_damage_is_named_in_one_line(tmp_path, damage, reason):
 def test_checkpoint_without_manifest_is_refused_until_vouched_for(tmp_path, capsys):
     folder = _fake_checkpoint(tmp_path, 2)
     (folder / "manifest.json").unlink()  # as an older sdft wrote it
-    with pytest.raises(CheckpointError, match=r"has no manifest.json .*python -m pipeline.checkpoint"):
+    with pytest.raises(CheckpointError, match=r"has no manifest.json .*python -m pipeline.run.checkpoint"):
         verify(folder)
     assert checkpoint._main([str(folder)]) == 0
     verify(folder)
@@ -157,12 +157,12 @@ def test_resume_checks_the_config(tmp_path, capsys):
 
 
 def test_cli_refuses_before_anything_starts(tmp_path, capsys, monkeypatch):
-    import pipeline.driver
+    import pipeline.run.driver
 
     def launch(*args, **kwargs):
         raise AssertionError("actors were launched")
 
-    monkeypatch.setattr(pipeline.driver, "launch", launch)  # every refusal must come before any actor starts
+    monkeypatch.setattr(pipeline.run.driver, "launch", launch)  # every refusal must come before any actor starts
     out = tmp_path / "run"
     _fake_checkpoint(out, 1, load_config(SMOKE, [f"output_dir={out}"]))
     _fake_checkpoint(out, 2, load_config(SMOKE, [f"output_dir={out}"]))
@@ -224,7 +224,7 @@ class _Payload:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, ray_session, tiny_model):
     """One 3-step run with a checkpoint after every step (step_000001..3); tests work on copies of it."""
-    from pipeline.driver import train
+    from pipeline.run.driver import train
 
     out = tmp_path_factory.mktemp("ckpt") / "run"
     train(load_config(SMOKE, [f"output_dir={out}", *RUN, "train.steps=3", "checkpoint.every=1",

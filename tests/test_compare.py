@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.compare import parse_stages, plot, print_table
+from pipeline.experiments.compare import parse_stages, plot, print_table
 
 
 def _fake_results():

@@ -86,8 +86,8 @@ def test_dft_loss_equals_a_float64_reference(ray_session, tiny_model):
 def test_dft_samples_on_the_teacher_context_and_eval_sees_the_student(ray_session, tiny_model, tmp_path, lora):
     from actors.launcher import launch
     from pipeline.data import batch_indices, load_splits
-    from pipeline.driver import check_sync
-    from pipeline.rollouts import Rollouts, sample_seeds
+    from pipeline.run.driver import check_sync
+    from pipeline.run.rollouts import Rollouts, sample_seeds
     from transformers import AutoTokenizer
 
     cfg = _cfg("train.mode=dft", f"output_dir={tmp_path}", "train.lr=5e-2", "train.warmup_steps=0",

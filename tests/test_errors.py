@@ -37,9 +37,11 @@ def test_every_error_class_is_listed():
 
 
 def test_modules_reexport_the_same_classes():
-    """`from pipeline.checkpoint import CheckpointError` and the like keep working, and name the one class."""
+    """`from pipeline.run.checkpoint import CheckpointError` and the like keep working, and name the one class."""
     from actors import launcher
-    from pipeline import checkpoint, config, data, evaluation, gate, models
+    from pipeline import config, data, models
+    from pipeline.experiments import evaluation, gate
+    from pipeline.run import checkpoint
 
     for module, names in ((config, ["ConfigError"]), (data, ["DataError"]), (evaluation, ["EvalError"]),
                           (models, ["ModelNotFound"]), (checkpoint, ["OutputError", "CheckpointError",

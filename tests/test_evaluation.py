@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.data import Example
-from pipeline.evaluation import EvalError, make_scorer
+from pipeline.experiments.evaluation import EvalError, make_scorer
 
 EX = Example(prompt="add: 2+2", demonstration="4", answer="4", where="t:1")
 

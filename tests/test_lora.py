@@ -223,7 +223,7 @@ def lora_run(tmp_path_factory, ray_session):
     import os
     import signal
 
-    from pipeline.driver import train
+    from pipeline.run.driver import train
 
     def kill_engine(step, actors):
         if step == 1:

@@ -125,7 +125,7 @@ def test_max_kl_stops_with_a_checkpoint_and_one_line(limited_run):
 
 @pytest.mark.slow
 def test_gate_passes_on_the_toy_world_and_is_logged(limited_run):
-    from pipeline.tracking import _flatten
+    from pipeline.run.tracking import _flatten
 
     start = _records(limited_run.out)[0]
     g = start["gate"]
@@ -164,7 +164,7 @@ def test_resume_reuses_the_saved_base_answers(limited_run):
     from transformers import AutoTokenizer
 
     from pipeline.models import resolve_model
-    from pipeline.monitor import ForgettingMonitor
+    from pipeline.experiments.monitor import ForgettingMonitor
 
     tok = AutoTokenizer.from_pretrained(resolve_model("toy:base"))
     mon = ForgettingMonitor(limited_run.cfg, tok)
@@ -175,8 +175,8 @@ def test_resume_reuses_the_saved_base_answers(limited_run):
 
 @pytest.mark.slow
 def test_gate_stops_a_run_whose_demonstrations_are_noise(tmp_path, ray_session):
-    from pipeline.driver import train
-    from pipeline.gate import TeacherGateFailed
+    from pipeline.run.driver import train
+    from pipeline.experiments.gate import TeacherGateFailed
 
     rng = random.Random(0)
     rows = [json.loads(l) for l in (ROOT / "configs/data/toy/shift_train.jsonl").read_text().splitlines()][:64]

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
-from pipeline.driver import train
+from pipeline.run.driver import train
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")  # the tiny-model smoke config
 

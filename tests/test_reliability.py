@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import OutputError, prepare_output
+from pipeline.run.checkpoint import OutputError, prepare_output
 from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, load_config
 
@@ -69,12 +69,12 @@ def test_config_rejects_non_finite_numbers(value):
 
 
 def test_cli_refuses_a_previous_run_in_one_line_before_ray(tmp_path, capsys, monkeypatch):
-    import pipeline.driver
+    import pipeline.run.driver
 
     def launch(*args, **kwargs):
         raise AssertionError("actors were launched")
 
-    monkeypatch.setattr(pipeline.driver, "launch", launch)  # the refusal must come before any actor starts
+    monkeypatch.setattr(pipeline.run.driver, "launch", launch)  # the refusal must come before any actor starts
     _previous_run(tmp_path)
     assert cli_main(["train", SMOKE, "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -84,7 +84,7 @@ def test_cli_refuses_a_previous_run_in_one_line_before_ray(tmp_path, capsys, mon
 
 @pytest.mark.slow
 def test_divergence_stops_without_saving_nan_weights(tmp_path, ray_session):
-    from pipeline.driver import TrainingDiverged, train
+    from pipeline.run.driver import TrainingDiverged, train
 
     cfg = load_config(SMOKE, [f"output_dir={tmp_path}", "logging.progress=false", "train.batch_size=4",
                               "train.micro_batch_size=2", "rollout.max_new_tokens=8", "eval.max_new_tokens=4",
@@ -114,14 +114,14 @@ def _one_line(capsys) -> str:
 def no_actors(monkeypatch):
     """`launch` refuses to start actors; like the real one, it first waits for the step count (the data load),
     whose errors so come first."""
-    import pipeline.driver
+    import pipeline.run.driver
 
     def launch(cfg, model_path, total_steps, **kwargs):
         if callable(total_steps):
             total_steps()
         raise AssertionError("actors were launched")
 
-    monkeypatch.setattr(pipeline.driver, "launch", launch)
+    monkeypatch.setattr(pipeline.run.driver, "launch", launch)
 
 
 @pytest.mark.parametrize("content, expect", [
@@ -178,11 +178,11 @@ def test_bad_data_found_while_the_engines_start_leaves_nothing_behind(tmp_path):
     engine_log = tmp_path / "run" / "logs" / "engine-0.log"
     code = textwrap.dedent(f"""
         import os, time, ray
-        import pipeline.driver
+        import pipeline.run.driver
         from pipeline.config import load_config
         from pipeline.data import DataError
 
-        load = pipeline.driver._load_inputs
+        load = pipeline.run.driver._load_inputs
 
         def load_once_an_engine_started(cfg, model_path):  # the data load waits for the first engine's log
             deadline = time.time() + 120
@@ -191,10 +191,10 @@ def test_bad_data_found_while_the_engines_start_leaves_nothing_behind(tmp_path):
             print("engine started while the data loaded:", time.time() < deadline)
             return load(cfg, model_path)
 
-        pipeline.driver._load_inputs = load_once_an_engine_started
+        pipeline.run.driver._load_inputs = load_once_an_engine_started
         cfg = load_config({SMOKE!r}, ["output_dir={tmp_path / 'run'}", "data.train={bad}"])
         try:
-            pipeline.driver.train(cfg)
+            pipeline.run.driver.train(cfg)
         except DataError as e:
             print("error:", e)
         print("ray running:", ray.is_initialized())
@@ -228,12 +228,12 @@ def test_eval_metric_typo_is_found_before_ray(tmp_path, capsys, no_actors, metri
 
 
 def test_unexpected_error_is_one_line_with_the_traceback_in_driver_log(tmp_path, capsys, monkeypatch):
-    import pipeline.driver
+    import pipeline.run.driver
 
     def launch(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(pipeline.driver, "launch", launch)
+    monkeypatch.setattr(pipeline.run.driver, "launch", launch)
     assert cli_main(["train", SMOKE, "--output", str(tmp_path / "run")]) == 1
     log = tmp_path / "run" / "logs" / "driver.log"
     assert _one_line(capsys) == f"sdft: unexpected error: RuntimeError: boom; full traceback in {log.resolve()}"

@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from pipeline.config import load_config
-from pipeline.driver import LearnerFailed, train
+from pipeline.run.driver import LearnerFailed, train
 
 pytestmark = pytest.mark.slow
 

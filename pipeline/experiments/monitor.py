@@ -33,7 +33,7 @@ class ForgettingMonitor:
     def __init__(self, cfg, tokenizer):
         """The general prompts, loaded and tokenized with the training data, before any learner starts (a bad source
         fails fast)."""
-        from .data import load_examples, tokenize_examples
+        from ..data import load_examples, tokenize_examples
 
         self.cfg, self.tokenizer = cfg, tokenizer
         sources = [load_examples(s, cfg.data) for s in cfg.monitor.data]

@@ -9,9 +9,9 @@ from typing import Callable
 
 from actors.rollout import generate_sharded
 
-from .data import Example
-from .errors import EvalError
-from .models import first_line
+from ..data import Example
+from ..errors import EvalError
+from ..models import first_line
 
 
 BUILTIN_METRICS = ("exact_match", "contains", "regex")
@@ -84,7 +84,7 @@ def evaluate(engines: list, examples: list[Example], tokenizer, cfg) -> dict:
 
 def load_eval_sets(cfg, tokenizer) -> dict[str, list[Example]]:
     """The named extra eval sets of `eval.sets` (e.g. prior skills), tokenized like the train data."""
-    from .data import load_examples, tokenize_examples
+    from ..data import load_examples, tokenize_examples
 
     out = {}
     for name, source in cfg.eval.sets.items():

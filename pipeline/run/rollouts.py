@@ -22,9 +22,9 @@ from actors.launcher import Actors
 from actors.messages import Completion, Sample
 from actors.rollout import submit_sharded
 
-from .config import Config
-from .data import Example
-from .errors import EngineFailed
+from ..config import Config
+from ..data import Example
+from ..errors import EngineFailed
 
 RESTART_TIMEOUT_S = 600
 

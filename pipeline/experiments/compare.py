@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import Config, load_config
+from ..config import Config, load_config
 
 
 def _row(ev: dict, cfg: Config | None = None) -> dict:
@@ -57,7 +57,7 @@ def _method_cfg(config: str | None, overrides: list[str], out: Path, method: str
 
 def run_compare(config: str | None, overrides: list[str], output: Path, methods: list[str],
                 overwrite: bool = False) -> dict:
-    from .driver import train
+    from ..run.driver import train
 
     output.mkdir(parents=True, exist_ok=True)
     results: dict = {"methods": methods, "history": {}}
@@ -175,7 +175,7 @@ def checkpoint_kl_to_base(cfg: Config, model_dir: Path, max_prompts: int = 300) 
     from actors.forward import completion_logits
 
     from .evaluation import load_eval_sets
-    from .models import resolve_model
+    from ..models import resolve_model
     from actors.forward import token_kl_sum
 
     if not cfg.eval.prior:
@@ -214,8 +214,8 @@ def parse_stages(items: list[str]) -> list[tuple[str, str, str]]:
 def run_sequential(config: str | None, overrides: list[str], output: Path, methods: list[str],
                    stages: list[tuple[str, str, str]], overwrite: bool = False) -> dict:
     """Stages in a row; after each, accuracy on every stage's held-out set and the prior skills."""
-    from .checkpoint import latest
-    from .driver import train
+    from ..run.checkpoint import latest
+    from ..run.driver import train
 
     output.mkdir(parents=True, exist_ok=True)
     stage_sets = [f"eval.sets.{n}={e}" for n, _, e in stages]

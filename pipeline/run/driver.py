@@ -4,7 +4,7 @@
 
 — each one call on `Run`, with recovery (a learner rank that died, non-finite steps, the checkpoint being written when
 the run stops) behind those calls. Strictly on-policy by default; with async.max_staleness = k generation runs up to
-k steps ahead (pipeline/rollouts.py). Learner ranks each take an equal slice of the step's samples.
+k steps ahead (pipeline/run/rollouts.py). Learner ranks each take an equal slice of the step's samples.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from ray.exceptions import RayActorError
 from actors.launcher import Actors, init_ray, launch, stop_private_ray
 from actors.messages import Sample, StepMetrics
 
-from . import checkpoint, gate
-from .config import MAX_CONSECUTIVE_SKIPS, Config
-from .errors import ForgettingLimit, LearnerFailed, SyncMismatch, TrainingDiverged
+from ..config import MAX_CONSECUTIVE_SKIPS, Config
+from ..data import Example, batch_indices, load_splits
+from ..errors import ForgettingLimit, LearnerFailed, SyncMismatch, TrainingDiverged
+from ..experiments import gate
+from ..experiments.evaluation import check_metric, evaluate_all, load_eval_sets
+from ..experiments.monitor import ForgettingMonitor
+from ..models import resolve_model
+from . import checkpoint
 from .console import forget_log, log_to_file, print_header
-from .data import Example, batch_indices, load_splits
-from .evaluation import check_metric, evaluate_all, load_eval_sets
-from .models import resolve_model
-from .monitor import ForgettingMonitor
 from .rollouts import Rollouts
 from .tracking import MetricsLogger
 

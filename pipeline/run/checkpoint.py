@@ -4,7 +4,7 @@ DeepSpeed state (optimizer, scheduler, RNG) and `trainer_state.json` (with `mode
 folder and renamed, so a folder named step_* is always complete; `manifest.json`, written last, holds every file's
 size and sha256, so a checkpoint damaged afterwards (a bad disk, a partial copy) is refused instead of loaded.
 
-`python -m pipeline.checkpoint FOLDER` writes the manifest of a checkpoint saved before manifests existed, for
+`python -m pipeline.run.checkpoint FOLDER` writes the manifest of a checkpoint saved before manifests existed, for
 someone who trusts it."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import CheckpointError, CheckpointWriteFailed, OutputError
+from ..errors import CheckpointError, CheckpointWriteFailed, OutputError
 
 PREFIX = "step_"
 RUN_FILES = ("metrics.jsonl", "logs", "wandb")  # what a run writes besides its checkpoints
@@ -228,7 +228,7 @@ def problem(folder: Path) -> str | None:
     folder = Path(folder)
     if not (folder / MANIFEST).exists():
         return (f"has no {MANIFEST} (written before checkpoints were verified), so it cannot be checked: if you "
-                f"trust it, add one with `python -m pipeline.checkpoint {folder}`")
+                f"trust it, add one with `python -m pipeline.run.checkpoint {folder}`")
     try:
         files = _read_manifest(folder)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -327,9 +327,9 @@ def check_config(ckpt: Path, cfg, allow_change: bool = False) -> dict:
 
 
 def _main(argv: list[str]) -> int:
-    """`python -m pipeline.checkpoint FOLDER`: vouch for a checkpoint written before manifests existed."""
+    """`python -m pipeline.run.checkpoint FOLDER`: vouch for a checkpoint written before manifests existed."""
     if len(argv) != 1:
-        print("usage: python -m pipeline.checkpoint STEP_FOLDER  (writes its manifest.json)", file=sys.stderr)
+        print("usage: python -m pipeline.run.checkpoint STEP_FOLDER  (writes its manifest.json)", file=sys.stderr)
         return 2
     folder = Path(argv[0])
     if not (folder / "trainer_state.json").exists():

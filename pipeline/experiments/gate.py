@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from .errors import TeacherGateFailed
+from ..errors import TeacherGateFailed
 
 
 def applies(cfg) -> bool:

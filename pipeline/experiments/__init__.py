@@ -1,0 +1,1 @@
+"""What a run is judged by: eval, the forgetting monitor, the teacher gate, `sdft compare`."""
