@@ -71,8 +71,8 @@ class Learner:
         per_rank = cfg.sequences_per_step // world_size  # divisibility checked by Config
         trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, or the LoRA adapter's
         optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=self._scheduler(optimizer, total_steps),
+        self.engine, self.optimizer, _, self.lr_schedule = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=self._lr_schedule(optimizer, total_steps),
             config=self._ds_config(per_rank), dist_init_required=False,
         )
         self.sender = None  # this rank's end of the weight sync (open_weight_sync)
@@ -82,7 +82,7 @@ class Learner:
         self._base = None  # kl_to_base's copy of the base model, loaded on first use when nothing else is the base
 
     # ---- setup helpers -------------------------------------------------------------------------------------
-    def _scheduler(self, optimizer, total_steps: int):
+    def _lr_schedule(self, optimizer, total_steps: int):
         from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
         t = self.cfg.train
@@ -178,7 +178,7 @@ class Learner:
             loss=loss, kl=kl, tokens=tokens,
             is_weight_mean=w.mean().item(), is_weight_min=w.min().item(), is_weight_max=w.max().item(),
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            lr=self.scheduler.get_last_lr()[0],
+            lr=self.lr_schedule.get_last_lr()[0],
             # ZeRO 1-3 drop a step whose gradient norm is not finite themselves (bf16: check_grad_overflow)
             skipped=int(skip or self.engine.skipped_steps > skipped_before),
         )

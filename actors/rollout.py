@@ -120,14 +120,23 @@ class RolloutEngine:
         self.receiver.close()
 
     def restore_base(self) -> None:
-        """Back to the initial weights (version 0): drop the student adapter under LoRA, else vLLM's in-place reload
-        from model.path (the layerwise reload the weight sync runs, fed from disk)."""
+        """Back to the initial weights (version 0): drop the student adapter under LoRA, else vLLM's in-place
+        `reload_weights` (the layerwise reload the weight sync runs) fed with the base model's HF state dict. Not from
+        disk alone: a checkpoint with tied embeddings has no `lm_head.weight`, and the CPU worker's separately
+        prepacked LM head would stay the student's."""
         if self.lora_request is not None:
             self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
             shutil.rmtree(self.lora_request.lora_path, ignore_errors=True)
             self.lora_request = None
         if not self.cfg.model.lora.enabled:
-            self.llm.collective_rpc("reload_weights")
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            dtype = getattr(torch, self.cfg.model.resolved_dtype(torch.cuda.is_available()))
+            base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype,
+                                                        trust_remote_code=self.cfg.model.trust_remote_code)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(base.state_dict().items()),
+                                                              "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
         self.weight_version = 0
 
