@@ -25,18 +25,45 @@ def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torc
     return ids.to(device), mask.to(device)
 
 
-def _inputs(contexts, completions, pad_id, device):
-    """context ⊕ completion[:-1], right-padded: position len(context)-1+t predicts completion token t."""
-    return _pad([c + y[:-1] for c, y in zip(contexts, completions)], pad_id, device)
+def _sequences(contexts, completions) -> list[list[int]]:
+    """context ⊕ completion[:-1]: position len(context)-1+t predicts completion token t."""
+    return [c + y[:-1] for c, y in zip(contexts, completions)]
 
 
-def completion_logits(model, contexts: list[list[int]], completions: list[list[int]], pad_id: int) -> torch.Tensor:
+def _packed(contexts, completions, device) -> tuple[dict, torch.Tensor]:
+    """Every sequence of the micro-batch in one row, no padding: `position_ids` restart at each sequence, which
+    transformers turns into a block-diagonal causal mask (sdpa/eager; flash-attention's varlen path on GPU). Returns
+    the model's inputs and the flat positions that predict the completion tokens, in order."""
+    seqs = _sequences(contexts, completions)
+    ids = torch.tensor([[t for s in seqs for t in s]], device=device)
+    positions = torch.tensor([[p for s in seqs for p in range(len(s))]], device=device)
+    starts = [0]
+    for s in seqs[:-1]:
+        starts.append(starts[-1] + len(s))
+    keep = torch.tensor([start + len(c) - 1 + t for start, c, y in zip(starts, contexts, completions)
+                         for t in range(len(y))], device=device)
+    return {"input_ids": ids, "position_ids": positions, "use_cache": False}, keep
+
+
+def token_counts(contexts, completions, packed: bool) -> tuple[int, int]:
+    """(real, computed) tokens of one forward over these sequences: padded, every row is as long as the longest."""
+    lengths = [len(s) for s in _sequences(contexts, completions)]
+    return sum(lengths), sum(lengths) if packed else len(lengths) * max(lengths)
+
+
+def completion_logits(model, contexts: list[list[int]], completions: list[list[int]], pad_id: int,
+                      packed: bool = False) -> torch.Tensor:
     """Logits at the positions that predict each completion token, flattened to [N, V].
 
     A full forward of the model (so ZeRO-3's parameter hooks and tied embeddings behave), with the LM head
-    applied only from the first completion position on (`logits_to_keep`).
+    applied only to the completion positions (`logits_to_keep`: from the first one on when padded, exactly those
+    when `packed`).
     """
-    ids, mask = _inputs(contexts, completions, pad_id, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    if packed:
+        inputs, keep = _packed(contexts, completions, device)
+        return model(**inputs, logits_to_keep=keep).logits[0]
+    ids, mask = _pad(_sequences(contexts, completions), pad_id, device)
     first = min(len(c) for c in contexts) - 1
     logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=torch.arange(first, ids.shape[1])).logits
     return torch.cat([logits[i, len(c) - 1 - first : len(c) - 1 - first + len(y)]
@@ -54,9 +81,14 @@ def decoder(model) -> torch.nn.Module:
     return inner.base_model
 
 
-def completion_hidden(model, contexts: list[list[int]], completions: list[list[int]], pad_id: int) -> torch.Tensor:
+def completion_hidden(model, contexts: list[list[int]], completions: list[list[int]], pad_id: int,
+                      packed: bool = False) -> torch.Tensor:
     """Final hidden states at the same positions, [N, H], for the fused-linear kernels (ZeRO <= 2)."""
-    ids, mask = _inputs(contexts, completions, pad_id, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    if packed:
+        inputs, keep = _packed(contexts, completions, device)
+        return decoder(model)(**inputs).last_hidden_state[0, keep]
+    ids, mask = _pad(_sequences(contexts, completions), pad_id, device)
     hidden = decoder(model)(input_ids=ids, attention_mask=mask).last_hidden_state
     return torch.cat([hidden[i, len(c) - 1 : len(c) - 1 + len(y)] for i, (c, y) in enumerate(zip(contexts, completions))])
 
@@ -71,7 +103,8 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torc
 
 @torch.no_grad()
 def token_kl_sum(model, base_logits: Callable[[list, list], torch.Tensor], sequences: list[tuple[list, list]],
-                 pad_id: int, chunk: int, base_contexts: list[list[int]] | None = None) -> tuple[float, int]:
+                 pad_id: int, chunk: int, base_contexts: list[list[int]] | None = None,
+                 packed: bool = False) -> tuple[float, int]:
     """Summed per-token KL(base || model) over the answer tokens of `sequences`, and the number of tokens.
 
     `model` reads each answer behind its prompt; `base_logits(contexts, answers)` gives the base's [N, V] logits on
@@ -82,7 +115,7 @@ def token_kl_sum(model, base_logits: Callable[[list, list], torch.Tensor], seque
     total, count = 0.0, 0
     for i in range(0, len(rows), chunk):
         prompts, answers, ctx = map(list, zip(*rows[i : i + chunk]))
-        zm = completion_logits(model, prompts, answers, pad_id)
+        zm = completion_logits(model, prompts, answers, pad_id, packed)
         zb = base_logits(ctx, answers).to(zm.device)
         total += forward_kl(zm, zb).sum().item()  # KL(base || model): the base in the teacher's place
         count += zm.shape[0]

@@ -18,7 +18,7 @@ import torch
 import kernels
 from pipeline.config import Config
 
-from .forward import chunked_token_logprobs, completion_hidden, completion_logits, token_kl_sum
+from .forward import chunked_token_logprobs, completion_hidden, completion_logits, token_counts, token_kl_sum
 from .logs import redirect_output
 from .loss import LossOutput, TokenLayout, sdft_loss, sft_loss, token_logprobs
 from .messages import Sample, StepMetrics
@@ -115,25 +115,25 @@ class Learner:
     # ---- the SDFT step -------------------------------------------------------------------------------------
     def _micro_loss(self, micro: list[Sample]) -> LossOutput:
         """student forward → teacher scores → kernel → loss, on one micro-batch."""
-        cfg, device, pad = self.cfg, self.engine.device, self.pad_id
+        cfg, device, pad, packed = self.cfg, self.engine.device, self.pad_id, self.cfg.train.packing
         x, y = [s.student_ids for s in micro], [s.completion_ids for s in micro]
         layout = TokenLayout.from_lengths([len(c) for c in y], device=device)
         ids = torch.tensor([t for c in y for t in c], device=device)
         if cfg.train.mode == "sft":  # forward through the engine: only then does ZeRO-3 accumulate correctly
-            return sft_loss(completion_logits(self.engine, x, y, pad), ids, layout, eos_id=self.eos_id)
+            return sft_loss(completion_logits(self.engine, x, y, pad, packed), ids, layout, eos_id=self.eos_id)
 
         x_teacher = [s.teacher_ids for s in micro]
         div = dict(divergence=cfg.loss.divergence, beta=cfg.loss.jsd_beta, temperature=cfg.loss.temperature)
         if cfg.loss.backend == "fused_linear":  # [N, V] logits exist only chunk by chunk
-            s_hidden = completion_hidden(self.engine, x, y, pad)
+            s_hidden = completion_hidden(self.engine, x, y, pad, packed)
             s_w = self.engine.module.get_output_embeddings().weight
-            t_hidden, t_w = self.teacher.hidden(x_teacher, y, pad)
+            t_hidden, t_w = self.teacher.hidden(x_teacher, y, pad, packed)
             per_token = kernels.fused_linear_token_divergence(
                 s_hidden, s_w, t_hidden.to(s_hidden.dtype), t_w.to(s_w.dtype), chunk_size=cfg.loss.chunk_size, **div)
             logp_train = chunked_token_logprobs(s_hidden, s_w, ids, cfg.loss.chunk_size)
         else:
-            s_logits = completion_logits(self.engine, x, y, pad)
-            t_logits = self.teacher.logits(x_teacher, y, pad)
+            s_logits = completion_logits(self.engine, x, y, pad, packed)
+            t_logits = self.teacher.logits(x_teacher, y, pad, packed)
             per_token = kernels.token_divergence(s_logits, t_logits.to(s_logits.dtype), backend=cfg.loss.backend,
                                                  sampled_ids=ids, topk=cfg.loss.topk, **div)
             logp_train = token_logprobs(s_logits.detach(), ids)
@@ -146,13 +146,14 @@ class Learner:
     def step(self, samples: list[Sample], hold: int | None = None) -> StepMetrics:
         """One optimizer step over this rank's samples (micro-batched; DeepSpeed accumulates), then the teacher
         update. With `hold`, the current weights are being exported as that version next to this step (async mode:
-        `sync_stream` in the actor's `sync` concurrency group): forward and backward run meanwhile, the update waits
+        `export_weights` in the actor's `sync` concurrency group): forward and backward run meanwhile, the update waits
         for the export to finish."""
         self.engine.train()
         mb = self.cfg.train.micro_batch_size
         micro_batches = [samples[i : i + mb] for i in range(0, len(samples), mb)]
         loss = kl = 0.0
         tokens, weights, grad_norm = 0, [], None
+        real = computed = 0  # tokens of the learner's forwards, and those with padding (pad_fraction)
         skipped_before = self.engine.skipped_steps
         skip = False  # ZeRO-0, train.on_nonfinite=skip: a non-finite gradient drops the update
         for micro in micro_batches:
@@ -169,6 +170,8 @@ class Learner:
             kl += out.divergence.item() / len(micro_batches)
             tokens += out.num_tokens
             weights.append(out.is_weights)
+            for r, c in self._forward_tokens(micro):
+                real, computed = real + r, computed + c
         if self.teacher is not None:
             self.teacher.update(self._full_params)
         w = torch.cat(weights).float()
@@ -181,7 +184,16 @@ class Learner:
             lr=self.lr_schedule.get_last_lr()[0],
             # ZeRO 1-3 drop a step whose gradient norm is not finite themselves (bf16: check_grad_overflow)
             skipped=int(skip or self.engine.skipped_steps > skipped_before),
+            pad_fraction=1 - real / computed,
         )
+
+    def _forward_tokens(self, micro: list[Sample]) -> list[tuple[int, int]]:
+        """(real, computed) tokens of each forward this micro-batch took: the student's, and the teacher's."""
+        y, packed = [s.completion_ids for s in micro], self.cfg.train.packing
+        out = [token_counts([s.student_ids for s in micro], y, packed)]
+        if self.teacher is not None:
+            out.append(token_counts([s.teacher_ids for s in micro], y, packed))
+        return out
 
     # ---- weights out: this rank's end of the weight sync (actors/weight_sync), called by the driver's WeightSync ----
     def open_weight_sync(self, backend: str, dtype: str | None) -> None:
@@ -240,7 +252,7 @@ class Learner:
         """Mean per-token KL(base || student) on the answers of (prompt_ids, answer_ids) pairs. With `base_contexts`
         the base reads each answer behind its own context (the gate: the teacher context, before step 1)."""
         total, count = token_kl_sum(self.engine.module.eval(), self._base_logits(), sequences, self.pad_id,
-                                    self.cfg.train.micro_batch_size, base_contexts)
+                                    self.cfg.train.micro_batch_size, base_contexts, self.cfg.train.packing)
         return total / count if count else 0.0
 
     def _base_logits(self):
@@ -248,18 +260,18 @@ class Learner:
         teacher while it is the base (frozen, or any kind before the first optimizer step), the LoRA model with its
         adapter off; else a copy loaded once from model.path, kept on the CPU."""
         if self.teacher is not None and (self.teacher.kind == "frozen" or self.engine.global_steps == 0):
-            return lambda x, y: self.teacher.logits(x, y, self.pad_id)
+            return lambda x, y: self.teacher.logits(x, y, self.pad_id, self.cfg.train.packing)
         if self.lora:
             def adapter_off(x, y):
                 with self.engine.module.disable_adapter():
-                    return completion_logits(self.engine.module, x, y, self.pad_id)
+                    return completion_logits(self.engine.module, x, y, self.pad_id, self.cfg.train.packing)
             return adapter_off
         if self._base is None:
             from transformers import AutoModelForCausalLM
 
             self._base = AutoModelForCausalLM.from_pretrained(
                 self.model_path, dtype=self.dtype, trust_remote_code=self.cfg.model.trust_remote_code).eval()
-        return lambda x, y: completion_logits(self._base, x, y, self.pad_id)
+        return lambda x, y: completion_logits(self._base, x, y, self.pad_id, self.cfg.train.packing)
 
     def node(self) -> dict:
         import ray

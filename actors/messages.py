@@ -49,6 +49,7 @@ class StepMetrics:
     grad_norm: float = _merge("first")
     lr: float = _merge("first")
     skipped: int = _merge("max")  # 1: the update was not applied (train.on_nonfinite=skip); ranks agree
+    pad_fraction: float = _merge("mean")  # padding tokens / computed tokens of the learner's forwards
 
     @classmethod
     def merge(cls, ranks: list[StepMetrics]) -> StepMetrics:

@@ -104,16 +104,17 @@ class Teacher:
 
     # ---- scoring ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def logits(self, contexts: list[list[int]], completions: list[list[int]], pad_id: int) -> torch.Tensor:
+    def logits(self, contexts: list[list[int]], completions: list[list[int]], pad_id: int,
+               packed: bool = False) -> torch.Tensor:
         """[N, V] teacher logits at the rows that predict each completion token."""
         with self._scoring() as model:
-            return completion_logits(model, contexts, completions, pad_id)
+            return completion_logits(model, contexts, completions, pad_id, packed)
 
     @torch.no_grad()
-    def hidden(self, contexts, completions, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden(self, contexts, completions, pad_id: int, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """([N, H] final hidden states at the same rows, [V, H] lm_head weight) for the fused-linear kernels."""
         with self._scoring() as model:
-            return (completion_hidden(model, contexts, completions, pad_id),
+            return (completion_hidden(model, contexts, completions, pad_id, packed),
                     model.get_output_embeddings().weight)
 
     def update(self, full_params: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:

@@ -1,8 +1,11 @@
 """Throughput of a small SDFT job on this machine: strict vs async rollouts, 1 vs 2 rollout engines, and the
 same rollouts through Hugging Face `generate` as the baseline for the vLLM engine; or (`--lora`) full fine-tuning
-against a LoRA adapter of rank 16 (step split, bytes and seconds per sync, peak memory of learner and engine).
+against a LoRA adapter of rank 16 (step split, bytes and seconds per sync, peak memory of learner and engine); or
+(`--packing`) the learner's padded forwards against packed ones (`train.packing`), on demonstrations of mixed length
+(1 to 8 sentences) and completions sampled at temperature 1 up to --max-new-tokens, runs interleaved --reps times.
 
     python benchmarks/throughput.py [--steps 12] [--batch 8] [--max-new-tokens 32] [--model tiny:llama] [--lora]
+    python benchmarks/throughput.py --packing --model package:smollm2 --max-new-tokens 128 --steps 6 --reps 2
 
 Prints one table, every row as a ratio to the first (strict, 1 engine), and the machine it ran on.
 Steady state: the first step (compilation, caches) is left out of the rates.
@@ -14,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -52,6 +56,8 @@ def _run(name: str, args, *overrides) -> dict:
         "learner_idle": sum(r["idle"]["learner"] for r in steps) / len(steps),
         "engine_tokens_per_s": sum(r["rollout"]["tokens_per_s"] for r in steps) / len(steps), "wall_s": wall,
         "sync_mb": sum(r["sync"].get("bytes", 0) for r in steps) / len(steps) / 2**20,
+        "pad_fraction": sum(r["pad_fraction"] for r in steps) / len(steps),
+        "learner_tokens_per_s": sum(r["tokens"] for r in steps) / sum(r["timing_s"]["learner"] for r in steps),
         "peak_gib": {role: kib / 2**20 for role, kib in peak.items()},
     }
 
@@ -110,8 +116,12 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--model", default="tiny:llama")
     p.add_argument("--lora", action="store_true", help="full fine-tuning vs model.lora.r=16 instead of the layouts")
+    p.add_argument("--packing", action="store_true", help="padded vs packed learner forwards instead of the layouts")
+    p.add_argument("--reps", type=int, default=2, help="--packing: interleaved runs of each")
     args = p.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
+    if args.packing:
+        return _packing(args)
     if args.lora:
         return _print_lora(args, [_run("full fine-tuning", args), _run("LoRA r=16", args, "model.lora.r=16")])
 
@@ -158,6 +168,45 @@ def _print_lora(args, rows: list[dict]) -> None:
         print(f"{r['name']:18} {r['steps_per_s']:8.3f} {r['steps_per_s'] / base['steps_per_s']:6.2f} "
               f"{r['rollout_s']:9.3f} {r['learner_s']:9.3f} {r['sync_s']:7.3f} {r['sync_mb']:9.2f} "
               f"{r['peak_gib'].get('learner', 0):11.2f} {r['peak_gib'].get('engine', 0):10.2f}")
+
+
+def _mixed_demonstrations(n: int = 64) -> Path:
+    """Rows whose demonstrations hold 1 to 8 sentences: the fact asked about, then other facts of the set."""
+    import random
+
+    facts = [json.loads(line) for line in (ROOT / "configs/data/smollm2/facts_train.jsonl").read_text().splitlines()]
+    rng, rows = random.Random(0), []
+    for i in range(n):
+        row = facts[i % len(facts)]
+        extra = rng.sample([f["demonstration"] for f in facts if f is not row], rng.randint(0, 7))
+        rows.append({**row, "demonstration": " ".join([row["demonstration"], *extra])})
+    path = Path(tempfile.mkdtemp(prefix="bench-data-")) / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _packing(args) -> None:
+    data = _mixed_demonstrations()
+    common = [f"data.train={data}", "data.eval_size=1", "model.max_model_len=512", "rollout.temperature=1.0"]
+    runs: dict[str, list[dict]] = {"padded": [], "packed": []}
+    for _ in range(args.reps):
+        for name in runs:
+            runs[name].append(_run(name, args, *common, f"train.packing={name == 'packed'}"))
+    keys = ("learner_s", "learner_tokens_per_s", "pad_fraction", "steps_per_s")
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
+    print(f"\nLearner forwards padded vs packed — {_machine()}")
+    print(f"model {args.model}, {args.steps} steps x {args.batch} prompts (one micro-batch), up to "
+          f"{args.max_new_tokens} new tokens at temperature 1, demonstrations of 1-8 sentences; {args.reps} interleaved "
+          "runs each, medians, steady state (first step excluded)\n")
+    head = f"{'forwards':8} {'learner s/step':>14} {'range':>15} {'learner tok/s':>13} {'pad_fraction':>12} {'steps/s':>8}"
+    print(head)
+    print("-" * len(head))
+    for name, rs in runs.items():
+        m = med[name]
+        print(f"{name:8} {m['learner_s']:14.3f} {min(r['learner_s'] for r in rs):7.3f}-{max(r['learner_s'] for r in rs):<7.3f}"
+              f" {m['learner_tokens_per_s']:13.1f} {m['pad_fraction']:12.3f} {m['steps_per_s']:8.3f}")
+    print(f"\npadded / packed learner time: {med['padded']['learner_s'] / med['packed']['learner_s']:.2f} "
+          f"(1 / (1 - pad_fraction) = {1 / (1 - med['padded']['pad_fraction']):.2f})")
 
 
 if __name__ == "__main__":

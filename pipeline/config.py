@@ -185,6 +185,12 @@ class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0.0, description="passes over train when `steps` is not set")
     batch_size: int = Field(32, gt=0, description="prompts per optimizer step (effective batch)")
     micro_batch_size: int = Field(8, gt=0, description="sequences per forward/backward")
+    packing: bool = Field(
+        False,
+        description="the learner's forwards (student, teacher, SFT, KL to base) put a micro-batch's sequences in one "
+        "row, position ids restarting per sequence, instead of right-padding each to the longest: no padding "
+        "computed (metric pad_fraction); the same loss and gradients",
+    )
     lr: float = Field(5e-5, gt=0.0, description="AdamW peak learning rate")
     lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="learning-rate schedule after warm-up")
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")

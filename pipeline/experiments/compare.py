@@ -194,8 +194,9 @@ def checkpoint_kl_to_base(cfg: Config, model_dir: Path, max_prompts: int = 300) 
             seq = base.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
                                 eos_token_id=tok.eos_token_id, pad_token_id=pad)
             answers.append(seq[0, len(p):].tolist())
-    total, count = token_kl_sum(model, lambda x, y: completion_logits(base, x, y, pad), list(zip(prompts, answers)),
-                                pad, chunk=16)
+    packed = cfg.train.packing
+    total, count = token_kl_sum(model, lambda x, y: completion_logits(base, x, y, pad, packed),
+                                list(zip(prompts, answers)), pad, chunk=16, packed=packed)
     return total / max(count, 1)
 
 
