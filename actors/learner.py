@@ -18,6 +18,7 @@ import torch
 import kernels
 from pipeline.config import Config
 
+from . import batching
 from .forward import chunked_token_logprobs, completion_hidden, completion_logits, token_counts, token_kl_sum
 from .logs import redirect_output
 from .loss import LossOutput, TokenLayout, sdft_loss, sft_loss, token_logprobs
@@ -51,6 +52,7 @@ class Learner:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.eos_id = self.tokenizer.eos_token_id
         self.dtype = getattr(torch, cfg.model.resolved_dtype(on_gpu))
+        self.loss_backend = cfg.loss.resolved_backend(on_gpu)
         model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
         )
@@ -124,7 +126,7 @@ class Learner:
 
         x_teacher = [s.teacher_ids for s in micro]
         div = dict(divergence=cfg.loss.divergence, beta=cfg.loss.jsd_beta, temperature=cfg.loss.temperature)
-        if cfg.loss.backend == "fused_linear":  # [N, V] logits exist only chunk by chunk
+        if self.loss_backend == "fused_linear":  # [N, V] logits exist only chunk by chunk
             s_hidden = completion_hidden(self.engine, x, y, pad, packed)
             s_w = self.engine.module.get_output_embeddings().weight
             t_hidden, t_w = self.teacher.hidden(x_teacher, y, pad, packed)
@@ -134,7 +136,7 @@ class Learner:
         else:
             s_logits = completion_logits(self.engine, x, y, pad, packed)
             t_logits = self.teacher.logits(x_teacher, y, pad, packed)
-            per_token = kernels.token_divergence(s_logits, t_logits.to(s_logits.dtype), backend=cfg.loss.backend,
+            per_token = kernels.token_divergence(s_logits, t_logits.to(s_logits.dtype), backend=self.loss_backend,
                                                  sampled_ids=ids, topk=cfg.loss.topk, **div)
             logp_train = token_logprobs(s_logits.detach(), ids)
         rollout_lp = torch.tensor([lp for s in micro for lp in s.logprobs], device=device)
@@ -149,16 +151,18 @@ class Learner:
         `export_weights` in the actor's `sync` concurrency group): forward and backward run meanwhile, the update waits
         for the export to finish."""
         self.engine.train()
-        mb = self.cfg.train.micro_batch_size
-        micro_batches = [samples[i : i + mb] for i in range(0, len(samples), mb)]
+        micro_batches = self._micro_batches(samples)
         loss = kl = 0.0
         tokens, weights, grad_norm = 0, [], None
         real = computed = 0  # tokens of the learner's forwards, and those with padding (pad_fraction)
         skipped_before = self.engine.skipped_steps
         skip = False  # ZeRO-0, train.on_nonfinite=skip: a non-finite gradient drops the update
-        for micro in micro_batches:
+        for k, micro in enumerate(micro_batches):
+            # each sequence weighs 1 / len(samples) whatever its micro-batch (the per-sequence loss, then the mean)
+            share = len(micro) / len(samples)
+            self.engine.set_gradient_accumulation_boundary(k == len(micro_batches) - 1)
             out = self._micro_loss(micro)
-            self.engine.backward(out.loss)
+            self.engine.backward(out.loss * share, scale_wrt_gas=False)
             if self.engine.is_gradient_accumulation_boundary() and self.cfg.train.zero_stage == 0:
                 grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 does not record it; before clipping
                 skip = self.cfg.train.on_nonfinite == "skip" and not math.isfinite(grad_norm)
@@ -166,8 +170,8 @@ class Learner:
                 self._await_export(hold)
             with _without_optimizer_step(self.engine.optimizer) if skip else contextlib.nullcontext():
                 self.engine.step()  # the step's bookkeeping (schedule, counters, zeroed gradients) still happens
-            loss += out.loss.item() / len(micro_batches)
-            kl += out.divergence.item() / len(micro_batches)
+            loss += out.loss.item() * share
+            kl += out.divergence.item() * share
             tokens += out.num_tokens
             weights.append(out.is_weights)
             for r, c in self._forward_tokens(micro):
@@ -186,6 +190,21 @@ class Learner:
             skipped=int(skip or self.engine.skipped_steps > skipped_before),
             pad_fraction=1 - real / computed,
         )
+
+    def _micro_batches(self, samples: list[Sample]) -> list[list[Sample]]:
+        """train.micro_batch_size sequences each, or whole sequences up to train.micro_batch_tokens (the student's
+        tokens) each, as many on every rank (actors/batching.py)."""
+        t = self.cfg.train
+        if t.micro_batch_tokens is None:
+            groups = batching.by_count(len(samples), t.micro_batch_size)
+        else:
+            lengths = [len(s.student_ids) + len(s.completion_ids) - 1 for s in samples]
+            groups = batching.by_tokens(lengths, t.micro_batch_tokens)
+            if self.world_size > 1:
+                count = torch.tensor([len(groups)], device=self.engine.device)
+                torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+                groups = batching.split_to(groups, int(count.item()), lengths)
+        return [[samples[i] for i in g] for g in groups]
 
     def _forward_tokens(self, micro: list[Sample]) -> list[tuple[int, int]]:
         """(real, computed) tokens of each forward this micro-batch took: the student's, and the teacher's."""

@@ -118,6 +118,7 @@ def main() -> None:
     p.add_argument("--lora", action="store_true", help="full fine-tuning vs model.lora.r=16 instead of the layouts")
     p.add_argument("--packing", action="store_true", help="padded vs packed learner forwards instead of the layouts")
     p.add_argument("--reps", type=int, default=2, help="--packing: interleaved runs of each")
+    p.add_argument("--budget", type=int, help="--packing: also packed forwards with train.micro_batch_tokens=BUDGET")
     args = p.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
     if args.packing:
@@ -188,25 +189,31 @@ def _mixed_demonstrations(n: int = 64) -> Path:
 def _packing(args) -> None:
     data = _mixed_demonstrations()
     common = [f"data.train={data}", "data.eval_size=1", "model.max_model_len=512", "rollout.temperature=1.0"]
-    runs: dict[str, list[dict]] = {"padded": [], "packed": []}
+    variants = {"padded": ["train.packing=false"], "packed": ["train.packing=true"]}
+    if args.budget:
+        variants[f"packed, {args.budget}-token micro-batches"] = ["train.packing=true",
+                                                                  f"train.micro_batch_tokens={args.budget}"]
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(args.reps):
-        for name in runs:
-            runs[name].append(_run(name, args, *common, f"train.packing={name == 'packed'}"))
+        for name, overrides in variants.items():
+            runs[name].append(_run(name, args, *common, *overrides))
     keys = ("learner_s", "learner_tokens_per_s", "pad_fraction", "steps_per_s")
     med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
     print(f"\nLearner forwards padded vs packed — {_machine()}")
     print(f"model {args.model}, {args.steps} steps x {args.batch} prompts (one micro-batch), up to "
           f"{args.max_new_tokens} new tokens at temperature 1, demonstrations of 1-8 sentences; {args.reps} interleaved "
           "runs each, medians, steady state (first step excluded)\n")
-    head = f"{'forwards':8} {'learner s/step':>14} {'range':>15} {'learner tok/s':>13} {'pad_fraction':>12} {'steps/s':>8}"
+    head = f"{'forwards':36} {'learner s/step':>14} {'range':>15} {'learner tok/s':>13} {'pad_fraction':>12} {'steps/s':>8}"
     print(head)
     print("-" * len(head))
     for name, rs in runs.items():
         m = med[name]
-        print(f"{name:8} {m['learner_s']:14.3f} {min(r['learner_s'] for r in rs):7.3f}-{max(r['learner_s'] for r in rs):<7.3f}"
-              f" {m['learner_tokens_per_s']:13.1f} {m['pad_fraction']:12.3f} {m['steps_per_s']:8.3f}")
-    print(f"\npadded / packed learner time: {med['padded']['learner_s'] / med['packed']['learner_s']:.2f} "
-          f"(1 / (1 - pad_fraction) = {1 / (1 - med['padded']['pad_fraction']):.2f})")
+        span = f"{min(r['learner_s'] for r in rs):.3f}-{max(r['learner_s'] for r in rs):.3f}"
+        print(f"{name:36} {m['learner_s']:14.3f} {span:>15} {m['learner_tokens_per_s']:13.1f} "
+              f"{m['pad_fraction']:12.3f} {m['steps_per_s']:8.3f}")
+    for name in list(runs)[1:]:
+        print(f"\npadded / {name} learner time: {med['padded']['learner_s'] / med[name]['learner_s']:.2f} "
+              f"(1 / (1 - pad_fraction) = {1 / (1 - med['padded']['pad_fraction']):.2f})")
 
 
 if __name__ == "__main__":

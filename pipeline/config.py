@@ -167,11 +167,17 @@ class LossConfig(_Section):
     )
     is_cap: float = Field(2.0, gt=0.0, description="truncation of the per-token importance ratio")
     topk: int = Field(64, ge=1, description="teacher tokens kept by divergence=topk")
-    backend: Literal["torch", "triton", "fused_linear"] = Field(
-        "torch",
-        description="divergence implementation: torch reference, Triton kernel, or fused lm_head + kernel in chunks",
+    backend: Literal["auto", "torch", "triton", "fused_linear"] = Field(
+        "auto",
+        description="divergence implementation: torch reference, Triton kernel, or fused lm_head + kernel in chunks; "
+        "auto: triton on CUDA, torch on CPU (where Triton only runs interpreted) and for divergence=topk|sampled",
     )
     chunk_size: int = Field(1024, ge=1, description="fused_linear tokens per chunk")
+
+    def resolved_backend(self, on_gpu: bool) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "triton" if on_gpu and self.divergence not in ("topk", "sampled") else "torch"
 
 
 class TrainConfig(_Section):
@@ -185,6 +191,12 @@ class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0.0, description="passes over train when `steps` is not set")
     batch_size: int = Field(32, gt=0, description="prompts per optimizer step (effective batch)")
     micro_batch_size: int = Field(8, gt=0, description="sequences per forward/backward")
+    micro_batch_tokens: int | None = Field(
+        None, gt=0,
+        description="micro-batches by a token budget instead of micro_batch_size: consecutive whole sequences whose "
+        "student tokens (prompt + completion) sum to at most this (a longer one alone), as many micro-batches on every "
+        "learner rank; the loss is the same per-sequence mean",
+    )
     packing: bool = Field(
         False,
         description="the learner's forwards (student, teacher, SFT, KL to base) put a micro-batch's sequences in one "
@@ -455,7 +467,7 @@ class Config(_Section):
                              "overlap: set async.max_staleness=0 or use ray.placement=disaggregated")
         if self.train.mode == "sft" and self.async_.max_staleness:
             raise ValueError("async.max_staleness applies to SDFT rollouts; SFT has none: set it to 0")
-        if self.loss.backend != "torch" and self.loss.divergence in ("topk", "sampled"):
+        if self.loss.backend not in ("auto", "torch") and self.loss.divergence in ("topk", "sampled"):
             raise ValueError(f"loss.divergence={self.loss.divergence} is implemented in torch only: set loss.backend=torch")
         return self
 

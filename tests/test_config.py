@@ -124,3 +124,12 @@ def test_thread_counts_per_phase():
     assert counts("ray.learner_ranks=2", "train.batch_size=8", "rollout.num_engines=2",
                   "ray.learner_cpus=2") == (3, 3, False)
     assert counts("ray.learner_threads=1", "ray.rollout_threads=3") == (1, 3, False)
+
+
+def test_loss_backend_auto_is_triton_on_cuda_and_torch_elsewhere():
+    cfg = load_config(SMOKE)
+    assert cfg.loss.backend == "auto"
+    assert cfg.loss.resolved_backend(on_gpu=True) == "triton" and cfg.loss.resolved_backend(on_gpu=False) == "torch"
+    topk = load_config(SMOKE, ["loss.divergence=topk"])
+    assert topk.loss.resolved_backend(on_gpu=True) == "torch"  # implemented in torch only
+    assert load_config(SMOKE, ["loss.backend=fused_linear"]).loss.resolved_backend(on_gpu=False) == "fused_linear"

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from actors.forward import completion_hidden, completion_logits, token_counts, token_kl_sum
-from pipeline.config import load_config
-from samples import learner_samples
+from samples import learner_metrics, two_rank_steps
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
 
@@ -61,20 +60,6 @@ def test_token_counts_and_kl_to_base(model):
 
 
 # ---- the learner actor -----------------------------------------------------------------------------------------
-def _learner_metrics(ray, model, *overrides, steps=2) -> list[dict]:
-    from actors.learner import Learner
-    from actors.net import free_port
-
-    cfg = load_config(SMOKE, ["train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-2", "train.warmup_steps=0",
-                              "loss.skip_first_tokens=1", *overrides])
-    actor = ray.remote(Learner).options(num_cpus=1, runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}}).remote(
-        cfg, model, 10, master_port=free_port())
-    try:  # step 2's loss is computed on the weights step 1 updated: equal losses mean equal gradients
-        return [ray.get(actor.step.remote(learner_samples())).as_dict() for _ in range(steps)]
-    finally:
-        ray.kill(actor)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ["train.zero_stage=0"], ["train.zero_stage=2"], ["train.zero_stage=3"],
@@ -82,8 +67,8 @@ def _learner_metrics(ray, model, *overrides, steps=2) -> list[dict]:
     ["model.lora.r=8"], ["train.mode=sft"],
 ], ids=["zero0", "zero2", "zero3", "triton", "fused_linear", "lora", "sft"])
 def test_learner_packed_equals_padded(ray_session, tiny_model, overrides):
-    padded = _learner_metrics(ray_session, tiny_model, *overrides)
-    packed = _learner_metrics(ray_session, tiny_model, *overrides, "train.packing=true")
+    padded = learner_metrics(ray_session, tiny_model, SMOKE, *overrides)
+    packed = learner_metrics(ray_session, tiny_model, SMOKE, *overrides, "train.packing=true")
     for a, b in zip(padded, packed):
         for key in ("loss", "kl", "grad_norm", "is_weight_mean", "tokens"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
@@ -93,21 +78,9 @@ def test_learner_packed_equals_padded(ray_session, tiny_model, overrides):
 
 @pytest.mark.slow
 def test_two_learner_ranks_packed_equal_padded(ray_session, tmp_path):
-    import json
-
-    from pipeline.run.driver import train
-
-    def losses(tag, *overrides):
-        cfg = load_config(SMOKE, [f"output_dir={tmp_path / tag}", "logging.progress=false", "logging.wandb=false",
-                                  "train.steps=2", "train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-2",
-                                  "train.warmup_steps=0", "rollout.max_new_tokens=10", "eval.every=0",
-                                  "checkpoint.final=false", "ray.learner_ranks=2", "ray.learner_cpus=0.5",
-                                  "train.zero_stage=2", *overrides])
-        train(cfg)
-        return [json.loads(line) for line in (tmp_path / tag / "metrics.jsonl").read_text().splitlines()
-                if "loss" in json.loads(line)]
-
-    padded, packed = losses("padded"), losses("packed", "train.packing=true")
+    common = [SMOKE, "train.batch_size=4", "train.zero_stage=2"]
+    padded, packed = two_rank_steps(tmp_path / "padded", *common), two_rank_steps(tmp_path / "packed", *common,
+                                                                                   "train.packing=true")
     assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in padded], rel=1e-4)
     assert [r["grad_norm"] for r in packed] == pytest.approx([r["grad_norm"] for r in padded], rel=1e-4)
     assert all(r["pad_fraction"] == 0.0 for r in packed) and all(r["pad_fraction"] > 0 for r in padded)
