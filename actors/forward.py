@@ -45,6 +45,17 @@ def _packed(contexts, completions, device) -> tuple[dict, torch.Tensor]:
     return {"input_ids": ids, "position_ids": positions, "use_cache": False}, keep
 
 
+def attention_kwargs(packed: bool, on_gpu: bool) -> dict:
+    """`from_pretrained` kwargs for the learner's models: flash-attention 2 where packed forwards run on a GPU with
+    flash-attn installed (its variable-length kernel follows the real sequences, where sdpa applies the block-diagonal
+    mask densely); otherwise transformers' default."""
+    import importlib.util
+
+    if packed and on_gpu and importlib.util.find_spec("flash_attn") is not None:
+        return {"attn_implementation": "flash_attention_2"}
+    return {}
+
+
 def token_counts(contexts, completions, packed: bool) -> tuple[int, int]:
     """(real, computed) tokens of one forward over these sequences: padded, every row is as long as the longest."""
     lengths = [len(s) for s in _sequences(contexts, completions)]

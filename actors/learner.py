@@ -19,7 +19,8 @@ import kernels
 from pipeline.config import Config
 
 from . import batching
-from .forward import chunked_token_logprobs, completion_hidden, completion_logits, token_counts, token_kl_sum
+from .forward import (attention_kwargs, chunked_token_logprobs, completion_hidden, completion_logits, token_counts,
+                      token_kl_sum)
 from .logs import redirect_output
 from .loss import LossOutput, TokenLayout, sdft_loss, sft_loss, token_logprobs
 from .messages import Sample, StepMetrics
@@ -53,8 +54,9 @@ class Learner:
         self.eos_id = self.tokenizer.eos_token_id
         self.dtype = getattr(torch, cfg.model.resolved_dtype(on_gpu))
         self.loss_backend = cfg.loss.resolved_backend(on_gpu)
+        self.attention = attention_kwargs(cfg.train.packing, on_gpu)  # the teacher copies the student's config
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
+            model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code, **self.attention
         )
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -289,7 +291,8 @@ class Learner:
             from transformers import AutoModelForCausalLM
 
             self._base = AutoModelForCausalLM.from_pretrained(
-                self.model_path, dtype=self.dtype, trust_remote_code=self.cfg.model.trust_remote_code).eval()
+                self.model_path, dtype=self.dtype, trust_remote_code=self.cfg.model.trust_remote_code,
+                **self.attention).eval()
         return lambda x, y: completion_logits(self._base, x, y, self.pad_id, self.cfg.train.packing)
 
     def node(self) -> dict:

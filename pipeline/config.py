@@ -201,7 +201,8 @@ class TrainConfig(_Section):
         False,
         description="the learner's forwards (student, teacher, SFT, KL to base) put a micro-batch's sequences in one "
         "row, position ids restarting per sequence, instead of right-padding each to the longest: no padding "
-        "computed (metric pad_fraction); the same loss and gradients",
+        "computed (metric pad_fraction); the same loss and gradients. On CUDA with flash-attn installed the learner "
+        "then uses flash-attention 2 (variable-length)",
     )
     lr: float = Field(5e-5, gt=0.0, description="AdamW peak learning rate")
     lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="learning-rate schedule after warm-up")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.forward import completion_hidden, completion_logits, token_counts, token_kl_sum
+from actors.forward import attention_kwargs, completion_hidden, completion_logits, token_counts, token_kl_sum
 from samples import learner_metrics, two_rank_steps
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
@@ -57,6 +57,17 @@ def test_token_counts_and_kl_to_base(model):
     padded = token_kl_sum(model, base, seqs, 0, chunk=2)
     packed = token_kl_sum(model, base, seqs, 0, chunk=2, packed=True)
     assert packed[1] == padded[1] and packed[0] == pytest.approx(padded[0], rel=1e-5)
+
+
+def test_flash_attention_only_for_packed_forwards_on_a_gpu_with_flash_attn(monkeypatch):
+    import importlib.util
+
+    assert attention_kwargs(packed=True, on_gpu=False) == {} and attention_kwargs(packed=False, on_gpu=True) == {}
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else find_spec(name))
+    assert attention_kwargs(packed=True, on_gpu=True) == {"attn_implementation": "flash_attention_2"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "flash_attn" else find_spec(name))
+    assert attention_kwargs(packed=True, on_gpu=True) == {}
 
 
 # ---- the learner actor -----------------------------------------------------------------------------------------
