@@ -58,7 +58,7 @@ def attention_kwargs(packed: bool, on_gpu: bool) -> dict:
 
 def token_counts(contexts, completions, packed: bool) -> tuple[int, int]:
     """(real, computed) tokens of one forward over these sequences: padded, every row is as long as the longest."""
-    lengths = [len(s) for s in _sequences(contexts, completions)]
+    lengths = [len(c) + len(y) - 1 for c, y in zip(contexts, completions)]  # the lengths of _sequences
     return sum(lengths), sum(lengths) if packed else len(lengths) * max(lengths)
 
 

@@ -9,6 +9,7 @@ version is `start_weight_update` (layerwise reload begins) → `update_weights` 
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -20,8 +21,6 @@ def engine_kwargs(backend: str) -> dict:
     """`LLM(...)` kwargs that create the worker-side transfer engine of a full-weight `backend`. Call it before
     `LLM(...)`: the object-store engine is registered here, and for ipc the flag the worker needs to unpickle CUDA IPC
     handles is set here (vLLM reads it once at engine start)."""
-    import os
-
     if backend == "object_store":
         from .object_store import register_engine
 
