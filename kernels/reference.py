@@ -25,6 +25,7 @@ __all__ = [
     "reverse_kl",
     "jsd",
     "topk_forward_kl",
+    "sparse_topk_forward_kl",
     "sampled_kl",
     "reference_divergence",
 ]
@@ -111,6 +112,41 @@ def topk_forward_kl(student_logits, teacher_logits, k=64, temperature=1.0):
     ls_tail = torch.where(in_top, neg_inf, ls).logsumexp(-1, keepdim=True)
     lt_tail = torch.where(in_top, neg_inf, lt).logsumexp(-1, keepdim=True)
     return _kl_terms(torch.cat([lt_k, lt_tail], -1), torch.cat([ls_k, ls_tail], -1)).sum(-1)
+
+
+def sparse_topk_forward_kl(student_logits, teacher_ids, teacher_logprobs, tail=True):
+    """Forward KL against a *sparse* teacher: its top-k ids and their log-probs (vLLM's prompt_logprobs).
+
+    ``student_logits`` [N, V]; ``teacher_ids`` [N, K] distinct ids in [0, V); ``teacher_logprobs`` [N, K] (from
+    the teacher's full-vocabulary softmax; ``-inf`` allowed).  P_i = exp(teacher_logprobs_i), Q = softmax(student).
+
+    * ``tail=True`` (K+1 buckets, as TRL's ``distillation_add_tail``): P_tail = max(0, 1 - sum_i P_i) and
+      Q_tail = the student's mass outside the ids, a log-sum-exp over the complement (``1 - sum_i Q_i`` would
+      cancel catastrophically when the ids hold ~all the mass).  Value: sum_i P_i (log P_i - log Q_i) +
+      P_tail (log P_tail - log Q_tail).  For K == V the tail bucket does not exist (no term): this is then
+      :func:`forward_kl` of the teacher distribution the log-probs describe.
+    * ``tail=False``: the truncated sum sum_i P_i (log P_i - log Q_i) (no tail, no renormalisation).
+
+    0 * log 0 = 0 throughout.  The gradient (autograd) is, with S = sum_i P_i and q = softmax(z):
+    (S + P_tail) q_v - P_v on the ids and (S + P_tail) q_v - P_tail q_v / Q_tail elsewhere (tail=True;
+    S + P_tail == 1 unless the log-probs sum above 1 by rounding), resp. S q_v - P_v [v in ids] (tail=False).
+    The teacher is data (detached).  Builds [N, V] tensors (it is the reference).
+    """
+    ls = torch.log_softmax(student_logits.float(), dim=-1)
+    ids = teacher_ids.long()
+    lp = teacher_logprobs.detach().float()
+    out = _kl_terms(lp, ls.gather(-1, ids)).sum(-1)
+    if tail and ids.shape[-1] < ls.shape[-1]:
+        in_top = torch.zeros_like(ls, dtype=torch.bool).scatter_(-1, ids, True)
+        rest = ls.masked_fill(in_top, float("-inf"))
+        # a complement the student gives no mass at all: log Q_tail = -inf, but logsumexp's backward would be
+        # NaN there (exp(-inf - -inf)); take the LSE of a dummy row and select -inf (zero gradient) instead.
+        empty = (rest == float("-inf")).all(-1, keepdim=True)
+        ls_tail = torch.where(empty, float("-inf"), rest.masked_fill(empty, 0.0).logsumexp(-1, keepdim=True))
+        p_tail = (1.0 - lp.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+        out = out + _kl_terms(p_tail.log(), ls_tail).squeeze(-1)
+    broken = _broken_rows(student_logits) | _broken_rows(teacher_logprobs)
+    return torch.where(broken, torch.full_like(out, float("nan")), out)
 
 
 def sampled_kl(student_logits, teacher_logits, sampled_ids, temperature=1.0):

@@ -458,3 +458,200 @@ def test_reference_propagates_nan(divergence):
     zs[1, 5], zt[2, 0] = float("nan"), float("inf")
     got = kernels.token_divergence(zs, zt, divergence=divergence, sampled_ids=ids, topk=4)
     assert torch.isnan(got[1]) and torch.isnan(got[2]) and torch.equal(got[0], clean[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse teacher: top-k ids + log-probs (+ tail bucket)
+# ---------------------------------------------------------------------------------------------
+
+
+# the value is a sum of O(1) terms P (log P - log Q) that can nearly cancel (e.g. K = 1): fp32 gets it to ~1e-7
+# absolute, so value errors are measured against max(|value|, 0.1)
+SPARSE_FLOOR = 0.1
+
+
+def _q_scale(zs, go):
+    """Size of the terms the gradient is a difference of (go * q): autograd's tail gradient (S + P_tail) q_v -
+    P_tail q_v / Q_tail cancels when Q_tail ~ P_tail (1 - S rounds in fp32), so the torch reference is held to
+    fp32 relative to this scale; the Triton kernel's form r_v (S - Q_ids) is held to the gradient itself."""
+    return float((go.double()[:, None] * torch.softmax(zs.double(), -1)).norm())
+
+
+def _sparse_case(n, v, k, dtype=torch.float32, scale=2.0, id_dtype=torch.long):
+    """Student logits [n, v]; the teacher's k ids per row (a random subset, random order) and their log-probs
+    under a full-vocabulary teacher softmax (also returned, [n, v])."""
+    zs = (torch.randn(n, v) * scale).to(dtype)
+    zt = torch.randn(n, v) * scale
+    ids = torch.stack([torch.randperm(v)[:k] for _ in range(n)]).to(id_dtype)
+    lp = torch.log_softmax(zt, -1).gather(-1, ids.long())
+    return zs, ids, lp, zt
+
+
+def _sparse_oracle64(zs, ids, lp, tail):
+    """float64, straight from the definition (probability space; the student's tail mass summed directly)."""
+    q = torch.softmax(zs.double(), -1)
+    ids = ids.long()
+    p = lp.double().exp()
+    lq = q.gather(-1, ids).log()
+    val = torch.where(p > 0, p * (torch.where(p > 0, lp.double(), 0.0) - lq), 0.0).sum(-1)
+    if tail and ids.shape[-1] < zs.shape[-1]:
+        outside = torch.ones_like(q, dtype=torch.bool).scatter_(-1, ids, False)
+        q_tail = (q * outside).sum(-1)
+        p_tail = (1 - p.sum(-1)).clamp_min(0)
+        val = val + torch.where(p_tail > 0, p_tail * (torch.where(p_tail > 0, p_tail, 1.0).log() - q_tail.log()), 0.0)
+    return val
+
+
+def _sparse_grad64(zs, ids, lp, tail):
+    """The closed-form d value / d z (float64): tail: q_v - P_v on the ids, q_v (1 - P_tail / Q_tail) elsewhere
+    (times S + P_tail, which is 1 unless the log-probs sum above 1); no tail: S q_v - P_v [v in ids]."""
+    q = torch.softmax(zs.double(), -1)
+    ids = ids.long()
+    p = lp.double().exp()
+    s = p.sum(-1, keepdim=True)
+    p_full = torch.zeros_like(q).scatter_(-1, ids, p)
+    if not (tail and ids.shape[-1] < zs.shape[-1]):
+        return s * q - p_full
+    outside = torch.ones_like(q, dtype=torch.bool).scatter_(-1, ids, False)
+    p_tail = (1 - s).clamp_min(0)
+    ratio = torch.where(p_tail > 0, p_tail / (q * outside).sum(-1, keepdim=True), 0.0)
+    return (s + p_tail) * q - p_full - torch.where(outside, ratio * q, 0.0)
+
+
+def _sparse_run(zs, ids, lp, tail, backend, go, **kw):
+    """Value and grad (with grad_output go) through the public API, or the Triton launcher when kw picks blocks."""
+    zs = zs.detach().clone().requires_grad_(True)
+    if kw:
+        from kernels.sparse_triton import triton_sparse_topk_divergence
+
+        out = triton_sparse_topk_divergence(zs, ids, lp, tail, **kw)
+    else:
+        out = kernels.sparse_topk_divergence(zs, ids, lp, tail=tail, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == zs.shape[:-1]
+    (g,) = torch.autograd.grad(out, zs, go)
+    assert g.dtype == zs.dtype
+    return out, g
+
+
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("k", [1, 5, 29, 30])
+def test_sparse_reference_matches_float64(tail, k):
+    """The torch reference = the float64 definition; its autograd gradient = the closed form."""
+    zs, ids, lp, zt = _sparse_case(4, 30, k)
+    go = torch.randn(4)
+    out, g = _sparse_run(zs, ids, lp, tail, "torch", go)
+    assert _rel(out, _sparse_oracle64(zs, ids, lp, tail), SPARSE_FLOOR) <= 1e-5
+    assert _rel(g, go.double()[:, None] * _sparse_grad64(zs, ids, lp, tail), _q_scale(zs, go)) <= 1e-5
+    if tail:  # K + 1 buckets coarsen the teacher's full distribution: never above the full KL
+        assert (out <= reference.forward_kl(zs, zt) + 1e-6).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_full_vocab_is_forward_kl(backend):
+    """K == V (ids = the whole vocabulary, permuted): the tail is empty and this is forward_kl."""
+    zs, ids, lp, zt = _sparse_case(4, 64, 64, scale=2.0)
+    go = torch.randn(4)
+    out, g = _sparse_run(zs, ids, lp, True, backend, go)
+    a = zs.clone().requires_grad_(True)
+    ref = reference.forward_kl(a, zt)
+    (gref,) = torch.autograd.grad(ref, a, go)
+    assert _rel(out, ref) <= 1e-5 and _rel(g, gref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("k", [1, 7, 64, 150])
+def test_sparse_triton_matches_reference(dtype, tail, k):
+    """Several vocab blocks (BLOCK_V=32, V=150 not a multiple), K in chunks (BLOCK_K=16), -inf teacher log-probs,
+    -inf student logits, zero grad_output rows, int32 ids."""
+    n, v = 4, 150
+    zs, ids, lp, _ = _sparse_case(n, v, k, dtype, id_dtype=torch.int32 if k == 7 else torch.long)
+    if k > 1:
+        lp[1, 1::2] = float("-inf")  # teacher categories of zero probability
+        zs[1, ids[1, 1::2].long()] = float("-inf")  # ... where the student has none either (else KL = inf)
+    if k < v:
+        outside = torch.ones(n, v, dtype=torch.bool).scatter_(-1, ids.long(), False)
+        zs[2] = zs[2].masked_fill(outside[2] & (torch.rand(v) < 0.3), float("-inf"))
+    go = torch.randn(n)
+    go[3] = 0.0
+    out, g = _sparse_run(zs, ids, lp, tail, "triton", go, block_v=32, block_k=16)
+    ref, gref = _sparse_run(zs, ids, lp, tail, "torch", go)
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+    assert _rel(out, ref, SPARSE_FLOOR) <= 1e-5
+    assert _rel(g, gref, _q_scale(zs, go)) <= TOL[dtype]
+    assert (g[3] == 0).all() and (g[:3] != 0).any()
+    assert (g[zs == float("-inf")] == 0).all()
+    if dtype == torch.float32:
+        assert _rel(out, _sparse_oracle64(zs, ids, lp, tail), SPARSE_FLOOR) <= 1e-5
+        assert _rel(g, go.double()[:, None] * _sparse_grad64(zs, ids, lp, tail)) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_peaked_complement_is_exact(backend):
+    """The student's top-k hold 1 - ~1e-9 of its mass while the teacher leaves 5% in the tail: log Q_tail must
+    come from the complement itself (1 - sum Q_i is ~0 in fp32 and the tail term would be off by O(1))."""
+    n, v, k = 3, 100, 5
+    zs, ids, lp, _ = _sparse_case(n, v, k)
+    outside = torch.ones(n, v, dtype=torch.bool).scatter_(-1, ids, False)
+    zs = torch.where(outside, -23.7 + 0.3 * torch.randn(n, v), 0.5 * torch.randn(n, v))
+    lp = torch.log_softmax(torch.randn(n, k), -1) + math.log(0.95)
+    go = torch.randn(n)
+    out, g = _sparse_run(zs, ids, lp, True, backend, go)
+    q_tail = (torch.softmax(zs.double(), -1) * outside).sum(-1)
+    assert ((q_tail > 1e-10) & (q_tail < 1e-8)).all()
+    ref = _sparse_oracle64(zs, ids, lp, True)
+    assert _rel(out, ref) <= 1e-5
+    assert _rel(g, go.double()[:, None] * _sparse_grad64(zs, ids, lp, True)) <= 1e-5
+    naive_q_tail = (1 - torch.softmax(zs, -1).gather(-1, ids).sum(-1)).clamp_min(1e-30)  # fp32, cancels
+    naive = ref + 0.05 * (q_tail.log() - naive_q_tail.double().log())
+    assert _rel(naive, ref) > 1e-2  # the check above does tell the two apart
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_nan_rows_and_empty(backend):
+    """NaN / +inf student logits or a NaN teacher log-prob make that row NaN; other rows are untouched; a zero
+    grad_output row gets an exact zero gradient (Triton) even when NaN."""
+    zs, ids, lp, _ = _sparse_case(4, 40, 6)
+    go = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    clean, gclean = _sparse_run(zs, ids, lp, True, backend, go)
+    zs[1, 3], zs[2, ids[2, 0]], lp[3, 2] = float("nan"), float("inf"), float("nan")
+    out, g = _sparse_run(zs, ids, lp, True, backend, go)
+    assert torch.isnan(out[1:]).all() and torch.equal(out[0], clean[0]) and torch.equal(g[0], gclean[0])
+    if backend == "triton":
+        assert (g[1:] == 0).all()
+    e = kernels.sparse_topk_divergence(torch.randn(0, 40, requires_grad=True), torch.zeros(0, 3, dtype=torch.long),
+                                       torch.zeros(0, 3), backend=backend)
+    assert e.shape == (0,)
+    out3 = kernels.sparse_topk_divergence(zs[:1].view(1, 1, 40), ids[:1].view(1, 1, 6), lp[:1].view(1, 1, 6),
+                                          backend=backend)
+    assert out3.shape == (1, 1) and torch.equal(out3.reshape(1), clean[:1])
+
+
+def test_sparse_bad_arguments():
+    zs, ids, lp, _ = _sparse_case(2, 10, 3)
+    f = kernels.sparse_topk_divergence
+    with pytest.raises(ValueError, match="teacher_ids.*teacher_logprobs.*same shape"):
+        f(zs, ids, lp[:, :2])
+    with pytest.raises(ValueError, match="token counts"):
+        f(zs[:1], ids, lp)
+    with pytest.raises(ValueError, match="K >= 1"):
+        f(zs, ids[:, :0], lp[:, :0])
+    with pytest.raises(ValueError, match=r"K=11.*V=10"):
+        f(zs, torch.arange(11).repeat(2, 1), torch.zeros(2, 11))
+    with pytest.raises(ValueError, match="teacher_ids must be an integer"):
+        f(zs, ids.float(), lp)
+    with pytest.raises(ValueError, match="teacher_logprobs must be a floating"):
+        f(zs, ids, ids)
+    with pytest.raises(ValueError, match="backend"):
+        f(zs, ids, lp, backend="cuda")
+    bad = ids.clone()
+    bad[1, 2] = 10
+    with pytest.raises(ValueError, match=r"\[0, V=10\)"):
+        f(zs, bad, lp)
+    bad[1, 2] = -1
+    with pytest.raises(ValueError, match=r"\[0, V=10\)"):
+        f(zs, bad, lp, backend="triton")
+    bad[1, 2] = bad[1, 0]
+    with pytest.raises(ValueError, match="distinct"):
+        f(zs, bad, lp)
+    assert "sparse_topk_divergence" in kernels.__all__ and "sparse_topk_forward_kl" in reference.__all__
