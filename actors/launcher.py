@@ -141,6 +141,8 @@ class Actors:
     learners: list
     engines: list
     sync: WeightSync | None = None
+    teachers: list = field(default_factory=list)  # the teacher engine pool (cfg.teacher_pool)
+    teacher_sync: WeightSync | None = None  # phi to the pool (teacher.kind=ema)
     placement_groups: list = field(default_factory=list)
     colocated: bool = False
     store: object = None  # the learners' rendezvous store when this process serves it (a private instance)
@@ -152,7 +154,7 @@ class Actors:
 
     def shutdown(self, wait: bool = False) -> None:
         """Kill every actor and free the placement groups; with `wait`, return once Ray reports the actors dead."""
-        killed = [*self.learners, *self.engines]
+        killed = [*self.learners, *self.engines, *self.teachers]
         for a in killed:
             ray.kill(a, no_restart=True)
         if wait:
@@ -195,6 +197,13 @@ def _placements(cfg, gpu: bool) -> tuple[list, list, list]:
     learn_pg = _reserve([_bundle(r.learner_cpus, 1 if gpu else 0, r.learner_resources)] * m, "PACK")
     roll_pg = _reserve([_bundle(r.rollout_cpus, 1 if gpu else 0, r.rollout_resources)] * n, "PACK")
     return [at(learn_pg, i) for i in range(m)], [at(roll_pg, i) for i in range(n)], [learn_pg, roll_pg]
+
+
+def _teacher_placements(cfg, gpu: bool) -> tuple[list, list]:
+    """The teacher engine pool's bundles: like the rollout engines', a group of their own."""
+    r, n = cfg.ray, cfg.teacher.engines
+    pg = _reserve([_bundle(r.rollout_cpus, 1 if gpu else 0, r.rollout_resources)] * n, "PACK")
+    return [PlacementGroupSchedulingStrategy(pg, i) for i in range(n)], [pg]
 
 
 def thread_counts(cfg, gpu: bool, nodes: int) -> tuple[int, int, bool]:
@@ -269,6 +278,18 @@ def launch(cfg: Config, model_path: str, total_steps: int | Callable[[], int], w
                 ).remote(model_path, cfg, i, sleep_mode=gpu and colocated, log_dir=log_dir, sync_backend=backend)
                 for i in range(cfg.rollout.num_engines)
             ]
+        if with_engines and cfg.teacher_pool:  # never synced (frozen) or phi through a WeightSync of its own (ema)
+            teacher_at, teacher_pgs = _teacher_placements(cfg, gpu)
+            actors.placement_groups += teacher_pgs
+            actors.teachers = [
+                ray.remote(RolloutEngine).options(
+                    num_cpus=cfg.ray.rollout_cpus, num_gpus=1 if gpu else 0, scheduling_strategy=teacher_at[i],
+                    runtime_env={"env_vars": engine_vars}, max_restarts=cfg.ray.engine_max_restarts,
+                    max_task_retries=0,
+                ).remote(model_path, cfg, i, log_dir=log_dir, role="teacher",
+                          sync_backend=backend if cfg.teacher.kind == "ema" else None)
+                for i in range(cfg.teacher.engines)
+            ]
         steps = total_steps() if callable(total_steps) else total_steps
         from .learner import Learner  # torch: not needed by the driver before this (Ray and the engines start first)
 
@@ -282,10 +303,13 @@ def launch(cfg: Config, model_path: str, total_steps: int | Callable[[], int], w
             for rank in range(m)
         ]
         learners, engines = actors.learners, actors.engines
-        ray.get([a.__ray_ready__.remote() for a in [*learners, *engines]])
+        ray.get([a.__ray_ready__.remote() for a in [*learners, *engines, *actors.teachers]])
+        dtype = cfg.model.resolved_dtype(gpu) if gpu else None
         if engines:
-            actors.sync = WeightSync(backend, learners, engines, dtype=cfg.model.resolved_dtype(gpu) if gpu else None,
-                                     zero3=cfg.train.zero_stage == 3)
+            actors.sync = WeightSync(backend, learners, engines, dtype=dtype, zero3=cfg.train.zero_stage == 3)
+        if actors.teachers and cfg.teacher.kind == "ema":
+            actors.teacher_sync = WeightSync(backend, learners, actors.teachers, dtype=dtype, zero3=False,
+                                             source="teacher")
     except BaseException:
         actors.shutdown(wait=True)  # so that no actor writes to the output folder once the caller sees the error
         raise

@@ -13,6 +13,7 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import kernels
@@ -79,7 +80,7 @@ class Learner:
             model=model, optimizer=optimizer, lr_scheduler=self._lr_schedule(optimizer, total_steps),
             config=self._ds_config(per_rank), dist_init_required=False,
         )
-        self.sender = None  # this rank's end of the weight sync (open_weight_sync)
+        self.senders = {}  # this rank's ends of the weight sync, by source (open_weight_sync)
         self._exported = threading.Condition()  # async mode: the newest weight version exported (export_weights)
         self._exported_version = -1
         self.model_path = model_path
@@ -135,6 +136,12 @@ class Learner:
             per_token = kernels.fused_linear_token_divergence(
                 s_hidden, s_w, t_hidden.to(s_hidden.dtype), t_w.to(s_w.dtype), chunk_size=cfg.loss.chunk_size, **div)
             logp_train = chunked_token_logprobs(s_hidden, s_w, ids, cfg.loss.chunk_size)
+        elif micro[0].teacher_topk is not None:  # scored on the engines: the teacher's top-k arrived with the samples
+            s_logits = completion_logits(self.engine, x, y, pad, packed)
+            t_ids, t_logprobs = _teacher_topk(micro, device)
+            per_token = kernels.sparse_topk_divergence(s_logits, t_ids, t_logprobs, tail=cfg.loss.topk_tail,
+                                                       backend=self.loss_backend)
+            logp_train = token_logprobs(s_logits.detach(), ids)
         else:
             s_logits = completion_logits(self.engine, x, y, pad, packed)
             t_logits = self.teacher.logits(x_teacher, y, pad, packed)
@@ -144,14 +151,29 @@ class Learner:
         rollout_lp = torch.tensor([lp for s in micro for lp in s.logprobs], device=device)
         return sdft_loss(
             per_token, logp_train, ids, rollout_lp, layout, eos_id=self.eos_id,
-            skip_first_tokens=cfg.loss.skip_first_tokens, is_cap=cfg.is_cap,
+            skip_first_tokens=cfg.loss.skip_first_tokens, is_cap=cfg.is_cap, token_clip=cfg.loss.token_clip,
         )
 
-    def step(self, samples: list[Sample], hold: int | None = None) -> StepMetrics:
+    @torch.no_grad()
+    def _teacher_gap(self, samples: list[Sample], n: int = 2) -> float:
+        """Mean |engine - learner| teacher log-prob of the sampled tokens of the first `n` samples: the engines scored
+        them, the learner's own teacher scores them again (teacher.check_every; before this step's update, when both
+        should hold the same teacher)."""
+        part = samples[:n]
+        y = [s.completion_ids for s in part]
+        ids = torch.tensor([t for c in y for t in c], device=self.engine.device)
+        mine = token_logprobs(self.teacher.logits([s.teacher_ids for s in part], y, self.pad_id,
+                                                  self.cfg.train.packing), ids)
+        theirs = torch.from_numpy(np.concatenate([s.teacher_topk.sampled for s in part])).to(mine)
+        return (mine - theirs).abs().mean().item()
+
+    def step(self, samples: list[Sample], hold: int | None = None, check_teacher: bool = False) -> StepMetrics:
         """One optimizer step over this rank's samples (micro-batched; DeepSpeed accumulates), then the teacher
         update. With `hold`, the current weights are being exported as that version next to this step (async mode:
         `export_weights` in the actor's `sync` concurrency group): forward and backward run meanwhile, the update waits
-        for the export to finish."""
+        for the export to finish. `check_teacher`: measure teacher/logprob_gap on samples the engines scored."""
+        scored = samples[0].teacher_topk is not None
+        gap = self._teacher_gap(samples) if check_teacher and scored else None
         self.engine.train()
         micro_batches = self._micro_batches(samples)
         loss = kl = 0.0
@@ -191,6 +213,8 @@ class Learner:
             # ZeRO 1-3 drop a step whose gradient norm is not finite themselves (bf16: check_grad_overflow)
             skipped=int(skip or self.engine.skipped_steps > skipped_before),
             pad_fraction=1 - real / computed,
+            topk_mass=_topk_mass(samples) if scored else None,
+            logprob_gap=gap,
         )
 
     def _micro_batches(self, samples: list[Sample]) -> list[list[Sample]]:
@@ -212,41 +236,49 @@ class Learner:
         """(real, computed) tokens of each forward this micro-batch took: the student's, and the teacher's."""
         y, packed = [s.completion_ids for s in micro], self.cfg.train.packing
         out = [token_counts([s.student_ids for s in micro], y, packed)]
-        if self.teacher is not None:
+        if self.teacher is not None and micro[0].teacher_topk is None:
             out.append(token_counts([s.teacher_ids for s in micro], y, packed))
         return out
 
     # ---- weights out: this rank's end of the weight sync (actors/weight_sync), called by the driver's WeightSync ----
-    def open_weight_sync(self, backend: str, dtype: str | None) -> None:
+    def open_weight_sync(self, backend: str, dtype: str | None, source: str = "student") -> None:
         from .weight_sync import make_sender
 
-        self.sender = make_sender(backend, self, dtype)
+        self.senders[source] = make_sender(backend, self, dtype, source)
 
-    def weight_init_info(self, num_engines: int) -> list[dict]:
-        return self.sender.init_info(num_engines)
+    def weight_source(self, source: str) -> tuple[torch.nn.Module, bool]:
+        """(module, whether ZeRO-3 partitions it) of the weights a sender sends: the student, or the teacher's full
+        copy (full fine-tuning, teacher.kind=ema: phi, pushed to the teacher engine pool)."""
+        if source == "teacher":
+            return self.teacher.model, False
+        return self.engine.module, self.cfg.train.zero_stage == 3
 
-    def connect_weight_sync(self) -> None:
-        self.sender.connect()
+    def weight_init_info(self, num_engines: int, source: str = "student") -> list[dict]:
+        return self.senders[source].init_info(num_engines)
 
-    def export_weights(self, version: int):
+    def connect_weight_sync(self, source: str = "student") -> None:
+        self.senders[source].connect()
+
+    def export_weights(self, version: int, source: str = "student"):
         """The payloads of weight version `version`, as a streaming call in the `sync` concurrency group. A
         `step(..., hold=version)` running next to it updates the weights once the export is done (returned or
         failed: a failure reaches the driver with the stream)."""
         try:
-            yield from self.sender.updates()
+            yield from self.senders[source].updates()
         finally:
-            with self._exported:
-                self._exported_version = max(self._exported_version, version)
-                self._exported.notify_all()
+            if source == "student":
+                with self._exported:
+                    self._exported_version = max(self._exported_version, version)
+                    self._exported.notify_all()
 
-    def send_weights(self) -> None:
-        self.sender.send()
+    def send_weights(self, source: str = "student") -> None:
+        self.senders[source].send()
 
-    def release_weights(self) -> None:
-        self.sender.release()
+    def release_weights(self, source: str = "student") -> None:
+        self.senders[source].release()
 
-    def close_weight_sync(self) -> None:
-        self.sender.close()
+    def close_weight_sync(self, source: str = "student") -> None:
+        self.senders[source].close()
 
     def _await_export(self, version: int) -> None:
         with self._exported:
@@ -377,6 +409,19 @@ class _WeightsOnlyLoads:
             what = found.group(1) if found else "not tensors or plain data"
             raise CheckpointError(f"{path} holds objects a checkpoint may not ({what}): refused to load it, nothing "
                                   "in it ran") from None
+
+
+def _teacher_topk(micro: list[Sample], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engines' teacher top-k of a micro-batch's tokens, flattened like the student's rows: [N, k] ids, log-probs."""
+    topk = [s.teacher_topk for s in micro]
+    return (torch.from_numpy(np.concatenate([t.ids for t in topk])).to(device),
+            torch.from_numpy(np.concatenate([t.logprobs for t in topk])).to(device))
+
+
+def _topk_mass(samples: list[Sample]) -> float:
+    """The teacher's mean mass on its top-k over every token of the samples (1 for the full vocabulary)."""
+    logprobs = np.concatenate([s.teacher_topk.logprobs for s in samples]).astype(np.float64)
+    return float(np.exp(logprobs).sum(-1).mean())
 
 
 @contextlib.contextmanager

@@ -80,12 +80,16 @@ def sdft_loss(
     eos_id: int | None,
     skip_first_tokens: int = 0,
     is_cap: float | None = 2.0,
+    token_clip: float | None = None,
 ) -> LossOutput:
     """SDFT loss on the student's own samples.
 
     per_token: [N] divergence from `kernels` (differentiable w.r.t. the student); logp_train: [N] the student's
     log-prob of each sampled token (for the IS weight); rollout_logprobs: [N] vLLM's log-prob of the same token.
+    token_clip: each token's divergence clipped at it (a clipped token gives no gradient); None: off.
     """
+    if token_clip is not None:
+        per_token = per_token.clamp(max=token_clip)
     valid = valid_mask(completion_ids, layout, eos_id)
     loss_mask = valid & (layout.position >= skip_first_tokens)
     if is_cap is not None and rollout_logprobs is not None:  # over the loss mask, as the official code does

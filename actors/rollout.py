@@ -15,7 +15,7 @@ import time
 from pipeline.config import Config
 
 from .logs import drop_expected_vllm_warnings, redirect_output
-from .messages import Completion
+from .messages import Completion, TeacherTopK
 
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process: fast start, direct weight access
@@ -36,11 +36,12 @@ class RolloutEngine:
     """A vLLM engine behind a small interface: generate token ids with logprobs, load new weights."""
 
     def __init__(self, model_path: str, cfg: Config, engine_index: int = 0, sleep_mode: bool = False,
-                 log_dir: str | None = None, sync_backend: str | None = None):
+                 log_dir: str | None = None, sync_backend: str | None = None, role: str = "engine"):
         """`cfg`: the run's Config itself (Ray pickles the pydantic model), validated once in the driver;
         `sync_backend`: the resolved weight-sync backend, whose worker-side engine vLLM creates at start (None: an
-        engine whose weights never change, e.g. `sdft eval`'s)."""
-        redirect_output(log_dir, f"engine-{engine_index}")
+        engine whose weights never change, e.g. `sdft eval`'s); `role`: `engine` (rollouts) or `teacher` (an engine of
+        the teacher pool, which only scores), the name of its log file."""
+        redirect_output(log_dir, f"{role}-{engine_index}")
         self.cfg = cfg
         for k, v in engine_env(cfg.rollout).items():
             os.environ.setdefault(k, v)
@@ -58,8 +59,16 @@ class RolloutEngine:
         if on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.rollout.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = sleep_mode  # colocated: free the GPU while the learner trains
+        if cfg.teacher_on_engines:  # teacher scoring: prompt log-probs of the teacher's top-k (-1: the vocabulary)
+            kwargs["max_logprobs"] = cfg.teacher.topk
+        if cfg.model.lora.enabled and cfg.teacher_on_engines and not on_gpu:
+            from .vllm_fixes import patch_lora_prompt_logprobs
+
+            patch_lora_prompt_logprobs()
         if cfg.model.lora.enabled:  # the base stays; the student arrives as LoRA adapters (weight_sync/lora.py)
-            kwargs.update(enable_lora=True, max_lora_rank=cfg.model.lora.max_lora_rank, max_loras=1)
+            # the EMA teacher scored here is a second adapter next to the student's
+            loras = 2 if cfg.teacher_on_engines and cfg.teacher.kind == "ema" else 1
+            kwargs.update(enable_lora=True, max_lora_rank=cfg.model.lora.max_lora_rank, max_loras=loras)
         elif sync_backend is not None:  # full weights arrive through vLLM's weight-transfer API (weight_sync/receiver.py)
             from .weight_sync.receiver import engine_kwargs
 
@@ -69,13 +78,16 @@ class RolloutEngine:
         self.sleep_mode = sleep_mode
         self.weight_version = 0
         self.lora_request = None  # under LoRA the student adapter in use; None: the base (a fresh adapter, B = 0)
+        self.teacher_lora = None  # under LoRA with the EMA teacher scored here: its adapter; None: the base (phi_0)
         self.lora_ids = itertools.count(1)
         self.receiver = None  # this engine's end of the weight sync (open_weight_sync)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-                 seeds: list[int] | None = None) -> list[Completion]:
+                 seeds: list[int] | None = None, teacher_contexts: list[list[int]] | None = None) -> list[Completion]:
         """Sample one completion per prompt; temperature 0 is greedy. Returns token ids, per-token sampling
-        logprobs (of the raw model distribution), the weight version that produced them and the call's duration."""
+        logprobs (of the raw model distribution), the weight version that produced them and the call's duration.
+        With `teacher_contexts` (teacher.placement=engines, a teacher this engine holds) the completions are scored
+        under the teacher at once, on the weights that sampled them (`score`)."""
         from vllm import SamplingParams
 
         def params(i):
@@ -96,7 +108,37 @@ class RolloutEngine:
             ids = list(c.token_ids)
             logprobs = [lp[t].logprob for t, lp in zip(ids, c.logprobs)] if c.logprobs else []
             results.append(Completion(ids, logprobs, c.finish_reason, self.weight_version, seconds))
+        if teacher_contexts is not None:
+            for c, scores in zip(results, self.score(teacher_contexts, results)):
+                c.teacher = scores
         return results
+
+    def score(self, contexts: list[list[int]], completions: list[Completion]) -> list[TeacherTopK]:
+        """The teacher's top-k (teacher.topk) at every token of each completion behind its teacher context: one prefill
+        of context ⊕ completion with vLLM's prompt log-probs (raw model, temperature 1), one throw-away output token.
+        The teacher is this engine's weights; under LoRA the adapter `teacher.kind` names (live: the student's, frozen:
+        none, ema: the EMA adapter)."""
+        from vllm import SamplingParams
+
+        limit = self.cfg.model.max_model_len - 1  # the output token needs a slot
+        prompts = [ctx + c.token_ids for ctx, c in zip(contexts, completions)]
+        too_long = [len(p) for p in prompts if len(p) > limit]
+        if too_long:
+            raise ValueError(f"teacher context + completion of {max(too_long)} tokens does not fit model.max_model_len="
+                             f"{self.cfg.model.max_model_len} of the engine scoring the teacher: raise model.max_model_len")
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=self.cfg.teacher.topk,
+                                flat_logprobs=True, detokenize=False)
+        t0 = time.perf_counter()
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                                 lora_request=self._teacher_lora())
+        seconds = time.perf_counter() - t0
+        return [_topk_of(out.prompt_logprobs, len(ctx), len(c.token_ids), self.weight_version, seconds)
+                for out, ctx, c in zip(outs, contexts, completions)]
+
+    def _teacher_lora(self):
+        if not self.cfg.model.lora.enabled:
+            return None
+        return {"live": self.lora_request, "frozen": None, "ema": self.teacher_lora}[self.cfg.teacher.kind]
 
     # ---- weights in: this engine's end of the weight sync (actors/weight_sync), called by the driver's WeightSync ----
     def open_weight_sync(self, backend: str) -> None:
@@ -155,15 +197,32 @@ class RolloutEngine:
                 "weight_version": self.weight_version}
 
 
-def submit_sharded(engines: list, prompts: list[list[int]], seeds: list[int] | None = None, **sampling) -> list:
+def _topk_of(flat, start: int, length: int, version: int, seconds: float) -> TeacherTopK:
+    """Positions start .. start + length - 1 of vLLM's flat prompt log-probs: each holds the prompt token's own entry,
+    then the top-k by rank (all of them for k = -1), so every scored position has the same k + 1 entries."""
+    import numpy as np
+
+    a, b = flat.start_indices[start], flat.end_indices[start + length - 1]
+    width = flat.end_indices[start] - a
+    ids = np.asarray(flat.token_ids[a:b], dtype=np.int64).reshape(length, width)
+    lps = np.asarray(flat.logprobs[a:b], dtype=np.float32).reshape(length, width)
+    return TeacherTopK(ids[:, 1:], lps[:, 1:], lps[:, 0], version, seconds)
+
+
+def submit_sharded(engines: list, prompts: list[list[int]], seeds: list[int] | None = None,
+                   teacher_contexts: list[list[int]] | None = None, **sampling) -> list:
     """Spread prompts round-robin over the engines (Ray handles) without waiting: [(engine index, prompt
-    indices, ObjectRef)], collected by `generate_sharded` or the scheduler."""
+    indices, ObjectRef)], collected by `generate_sharded` or the scheduler. With `teacher_contexts` (one per prompt)
+    each engine scores its completions under the teacher it holds, in the same call."""
     shards = []
     for i, e in enumerate(engines):
         idx = list(range(i, len(prompts), len(engines)))
         if idx:
             ref = e.generate.remote([prompts[j] for j in idx],
-                                    seeds=None if seeds is None else [seeds[j] for j in idx], **sampling)
+                                    seeds=None if seeds is None else [seeds[j] for j in idx],
+                                    teacher_contexts=None if teacher_contexts is None else [teacher_contexts[j]
+                                                                                            for j in idx],
+                                    **sampling)
             shards.append((i, idx, ref))
     return shards
 

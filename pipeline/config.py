@@ -149,6 +149,34 @@ class TeacherConfig(_Section):
     ema_alpha: float = Field(
         0.01, gt=0.0, le=1.0, description="EMA rate after every optimizer step: `phi <- alpha*theta + (1-alpha)*phi`"
     )
+    placement: Literal["learner", "engines"] = Field(
+        "learner",
+        description="where the teacher scores the samples: the learner (a forward over the teacher context next to the "
+        "student's) or vLLM engines (a prefill of teacher context + sample returning the teacher's top `topk` "
+        "log-probs per position; the learner is left with the student's forward and backward). engines: the live "
+        "teacher is the rollout engine that sampled (async: the sampling version); under LoRA the frozen teacher is "
+        "the rollout engines' base and the EMA teacher a second adapter on them; full fine-tuning with frozen or ema "
+        "uses a pool of `engines` teacher engines (ema: phi pushed every `sync_every` steps). SDFT only: the sft and dft "
+        "baselines ignore it",
+    )
+    topk: int = Field(
+        20, ge=-1, description="placement=engines: teacher log-probs kept per position (vLLM prompt_logprobs); the loss "
+        "is the forward KL over them plus a tail bucket (loss.topk_tail); -1: the full vocabulary (small vocabularies)",
+    )
+    engines: int = Field(
+        1, ge=1, description="placement=engines, full fine-tuning, frozen or ema teacher: vLLM teacher engines, "
+        "bundles of their own (ray.rollout_cpus / GPUs, ray.rollout_resources), loaded from model.path",
+    )
+    sync_every: int = Field(
+        1, ge=1, description="placement=engines, full fine-tuning, ema teacher: steps between pushes of phi to the "
+        "teacher engines (1: exact; k: the teacher is up to k - 1 EMA updates behind)",
+    )
+    check_every: int = Field(
+        0, ge=0, description="placement=engines: every this many steps, learner rank 0 also scores a few samples "
+        "under its own teacher and logs teacher/logprob_gap (mean |engine - learner| log-prob of the sampled tokens; "
+        "catches dtype, staleness and sync bugs); 0: never",
+    )
+
 
 
 class LossConfig(_Section):
@@ -167,6 +195,15 @@ class LossConfig(_Section):
     )
     is_cap: float = Field(2.0, gt=0.0, description="truncation of the per-token importance ratio")
     topk: int = Field(64, ge=1, description="teacher tokens kept by divergence=topk")
+    topk_tail: bool = Field(
+        True, description="teacher.placement=engines: the top-k forward KL has a tail bucket (k+1 categories: the "
+        "teacher's remaining mass against the student's), without which a truncated top-k KL is biased; false: the "
+        "sum over the k ids alone",
+    )
+    token_clip: float | None = Field(
+        None, gt=0.0, description="clip each token's divergence at this value (no gradient from a clipped token); "
+        "None: off",
+    )
     backend: Literal["auto", "torch", "triton", "fused_linear"] = Field(
         "auto",
         description="divergence implementation: torch reference, Triton kernel, or fused lm_head + kernel in chunks; "
@@ -419,6 +456,16 @@ class Config(_Section):
         return not (self.rollout.context == "teacher" and self.teacher.kind == "frozen")
 
     @property
+    def teacher_on_engines(self) -> bool:
+        """teacher.placement=engines, in SDFT (the sft baseline has no teacher; dft keeps the learner's)."""
+        return self.teacher.placement == "engines" and self.train.mode == "sdft"
+
+    @property
+    def teacher_pool(self) -> bool:
+        """Teacher engines of their own: full fine-tuning with a teacher the rollout engines do not hold."""
+        return self.teacher_on_engines and not self.model.lora.enabled and self.teacher.kind != "live"
+
+    @property
     def is_cap(self) -> float | None:
         """Truncation of the IS weight; None: no weight. Off for teacher-context rollouts (as the official code):
         the sampler there is not the student on its own context, so the ratio would measure the context gap."""
@@ -468,9 +515,33 @@ class Config(_Section):
                              "overlap: set async.max_staleness=0 or use ray.placement=disaggregated")
         if self.train.mode == "sft" and self.async_.max_staleness:
             raise ValueError("async.max_staleness applies to SDFT rollouts; SFT has none: set it to 0")
+        if self.teacher_on_engines:
+            self._engine_teacher()
         if self.loss.backend not in ("auto", "torch") and self.loss.divergence in ("topk", "sampled"):
             raise ValueError(f"loss.divergence={self.loss.divergence} is implemented in torch only: set loss.backend=torch")
         return self
+
+
+    def _engine_teacher(self) -> None:
+        """teacher.placement=engines: the engines return the teacher's top-k log-probs of the raw model, so the loss
+        is the forward KL on the teacher's support, at temperature 1."""
+        if self.loss.divergence != "forward_kl":
+            raise ValueError(f"teacher.placement=engines scores the teacher's top-k only (vLLM cannot return log-probs "
+                             f"at the student's tokens): loss.divergence={self.loss.divergence} needs the full "
+                             "distributions; use loss.divergence=forward_kl or teacher.placement=learner")
+        if self.loss.temperature != 1.0:
+            raise ValueError("teacher.placement=engines: vLLM's prompt log-probs are at temperature 1, so "
+                             f"loss.temperature={self.loss.temperature} cannot apply; set it to 1 or use "
+                             "teacher.placement=learner")
+        if self.loss.backend == "fused_linear":
+            raise ValueError("teacher.placement=engines needs no teacher hidden states: use loss.backend=auto, torch "
+                             "or triton")
+        if self.rollout.context != "student":
+            raise ValueError("teacher.placement=engines scores rollouts sampled on the student context: set "
+                             "rollout.context=student")
+        if self.model.lora.enabled and "lm_head" in self.model.lora.target_modules:
+            raise ValueError("teacher.placement=engines: vLLM's prompt log-probs leave out an lm_head adapter (vLLM "
+                             "issue #51594): remove lm_head from model.lora.target_modules or use teacher.placement=learner")
 
 
 def _parse_override(item: str) -> tuple[list[str], object]:

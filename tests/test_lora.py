@@ -167,7 +167,7 @@ def _learner_run(ray, model, *overrides, steps=2):
         metrics = [ray.get(actor.step.remote(learner_samples())).as_dict() for _ in range(steps)]
         ray.get(actor.open_weight_sync.remote("lora", None))
         (exported,) = [ray.get(ref) for ref in actor.export_weights.options(num_returns="streaming").remote(0)]
-        return metrics, dict(bucket_tensors(exported["tensors"])), exported["config"]
+        return metrics, dict(bucket_tensors(exported["student"]["tensors"])), exported["student"]["config"]
     finally:
         ray.kill(actor)
 

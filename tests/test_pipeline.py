@@ -73,11 +73,16 @@ def test_sdft_steps_sync_every_step_and_log(tmp_path, ray_session, tiny_model):
 
 
 def test_sft_steps(tmp_path, ray_session, tiny_model):
-    cfg = _cfg(tmp_path, "train.mode=sft", "train.steps=3", "train.lr=1e-2", "sync.check_greedy=true")
-    summary = train(cfg)
+    """SFT pushes its weights only when an eval needs them (nothing samples in between): the engines hold version 0
+    after step 1, the student's after the eval of step 2 and of the end."""
+    cfg = _cfg(tmp_path, "train.mode=sft", "train.steps=3", "train.lr=1e-2", "eval.every=2")
+    held = {}
+    summary = train(cfg, on_step=lambda step, actors: held.update(
+        {step: ray_session.get(actors.engines[0].node.remote())["weight_version"]}))
     records = _records(tmp_path)
     assert [r["step"] for r in records] == [0, 1, 2, 3]
-    assert all(r["sync"]["greedy_match"] == 1.0 and r["loss"] > 0 for r in records[1:])
+    assert held == {1: 0, 2: 2, 3: 3}
+    assert all(r["sync"] == {} and r["loss"] > 0 for r in records[1:])
     assert records[3]["loss"] < records[1]["loss"]  # NLL on the demonstrations goes down
     base = load_file(f"{tiny_model}/model.safetensors")
     student = load_file(Path(summary["checkpoint"]) / "model" / "model.safetensors")

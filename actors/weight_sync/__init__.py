@@ -77,18 +77,19 @@ def resolve_backend(name: str, on_gpu: bool, placement: str = "disaggregated", l
     return "ipc" if placement == "colocated" and not zero3_ranks else "nccl"
 
 
-def make_sender(backend: str, learner, dtype: str | None) -> Sender:
+def make_sender(backend: str, learner, dtype: str | None, source: str = "student") -> Sender:
+    """`source`: the weights sent, `student` or `teacher` (phi, to a teacher engine pool; `Learner.weight_source`)."""
     if backend == "object_store":
         from .object_store import ObjectStoreSender
 
-        return ObjectStoreSender(learner, dtype)
+        return ObjectStoreSender(learner, dtype, source)
     if backend == "lora":
         from .lora import LoRASender
 
         return LoRASender(learner, dtype)
     from .vllm_transfer import VLLMSender
 
-    return VLLMSender(learner, backend)
+    return VLLMSender(learner, backend, source)
 
 
 def make_receiver(backend: str, engine) -> Receiver:
@@ -109,22 +110,26 @@ class WeightSync:
     elsewhere the engines get them at once and the learner's next call runs once they are taken from it (Ray runs
     one caller's calls to an actor in order). Calls made to an engine after `deliver` land behind the new weights."""
 
-    def __init__(self, backend: str, learners: list, engines: list, *, dtype: str | None, zero3: bool):
+    def __init__(self, backend: str, learners: list, engines: list, *, dtype: str | None, zero3: bool,
+                 source: str = "student"):
+        """`source`: what the engines get, the student (rollout engines) or the teacher phi (a teacher engine pool,
+        from its full copy on each rank: no ZeRO-3 gather, and no overlap with the step, which updates phi last)."""
         if backend not in BACKENDS:
             raise ValueError(f"sync.backend={backend!r}: expected one of {BACKENDS}")
-        self.backend, self.learners, self.engines, self.zero3 = backend, learners, engines, zero3
+        self.backend, self.learners, self.engines, self.source = backend, learners, engines, source
+        self.zero3 = zero3 and source == "student"
         # the export may run next to the learner's next step: full weights through the object store (a ZeRO-3 export
         # is a collective of every rank, which a step running at the same time would interleave with its own)
-        self.overlaps = backend == "object_store" and not zero3
+        self.overlaps = backend == "object_store" and not self.zero3 and source == "student"
         self.version = 0  # the version the engines hold, or are being sent
         self._pending: dict | None = None  # a push started and not yet waited for
-        ray.get([lr.open_weight_sync.remote(backend, dtype) for lr in learners])
+        ray.get([lr.open_weight_sync.remote(backend, dtype, source) for lr in learners])
         self._connect(engines)
 
     def _connect(self, engines: list) -> None:
         ray.get([e.open_weight_sync.remote(self.backend) for e in engines])
-        infos = ray.get(self.learners[0].weight_init_info.remote(len(engines)))
-        ray.get([self.learners[0].connect_weight_sync.remote()]
+        infos = ray.get(self.learners[0].weight_init_info.remote(len(engines), self.source))
+        ray.get([self.learners[0].connect_weight_sync.remote(self.source)]
                 + [e.init_weight_transfer.remote(info) for e, info in zip(engines, infos)])
 
     # ---- one version --------------------------------------------------------------------------------------------
@@ -164,9 +169,9 @@ class WeightSync:
     def _begin(self, version: int, engines: list) -> dict:
         senders = self.learners if self.zero3 else self.learners[:1]
         stream = self.learners[0].export_weights.options(num_returns="streaming", concurrency_group=SYNC_GROUP
-                                                         ).remote(version)
+                                                         ).remote(version, self.source)
         return {"t0": time.perf_counter(), "version": version, "engines": engines, "stream": stream,
-                "sends": [lr.send_weights.remote() for lr in senders], "updates": None}
+                "sends": [lr.send_weights.remote(self.source) for lr in senders], "updates": None}
 
     def _deliver(self, push: dict) -> None:
         if push["updates"] is not None:
@@ -181,7 +186,7 @@ class WeightSync:
         self._deliver(push)
         ray.get(push["sends"] + push["updates"])
         stats = ray.get(push["finishes"])
-        ray.get(self.learners[0].release_weights.remote())
+        ray.get(self.learners[0].release_weights.remote(self.source))
         return {"seconds": time.perf_counter() - push["t0"], "transport_s": push["transport_s"],
                 "bytes": stats[0]["bytes"] if stats else 0, "load_s": max((s["load_s"] for s in stats), default=0.0)}
 
@@ -192,7 +197,7 @@ class WeightSync:
         restarted = [self.engines[i] for i in indices]
         if self.backend == "nccl":
             alive = [e for e in self.engines if e not in restarted]
-            ray.get([self.learners[0].close_weight_sync.remote()] + [e.close_weight_sync.remote() for e in alive])
+            ray.get([self.learners[0].close_weight_sync.remote(self.source)] + [e.close_weight_sync.remote() for e in alive])
             restarted = self.engines
         self._connect(restarted)
         return self._collect(self._begin(self.version, restarted))

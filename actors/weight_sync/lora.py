@@ -10,6 +10,9 @@ and samples with it from then on (`RolloutEngine.lora_request`).
 Version 0 is the fresh adapter, B = 0: the base itself, which an engine without any adapter (just started, or
 restarted after a crash) samples from. A restarted engine is re-synced like any other: it gets the current adapter.
 ZeRO-3 is not supported with LoRA (config error), so every rank holds the whole adapter and rank 0 alone exports.
+
+With the EMA teacher scored on the engines (`teacher.placement=engines`) the payload also carries the teacher adapter
+φ, loaded the same way as the engine's second adapter (`RolloutEngine.teacher_lora`): one push, both adapters.
 """
 
 from __future__ import annotations
@@ -38,13 +41,23 @@ class LoRASender:
         """Nothing to join."""
 
     def updates(self):
-        """The one payload: the adapter config and its tensors, put once into the object store."""
-        from ..adapters import STUDENT, adapter_config, adapter_params
+        """The one payload: the student adapter's config and tensors (and the EMA teacher's when the engines score
+        it), put once into the object store."""
+        from ..adapters import STUDENT, TEACHER
+
+        cfg = self.learner.cfg
+        payload = {"student": self._adapter(STUDENT)}
+        if cfg.teacher_on_engines and cfg.teacher.kind == "ema":
+            payload["teacher"] = self._adapter(TEACHER)
+        yield payload
+
+    def _adapter(self, name: str) -> dict:
+        from ..adapters import adapter_config, adapter_params
 
         model = self.learner.engine.module
-        tensors = [(name, p.detach().to(device="cpu", dtype=self.dtype or p.dtype))
-                   for name, p in adapter_params(model, STUDENT).items()]
-        yield {"config": adapter_config(model, STUDENT), "tensors": bucket_payload(tensors)}
+        tensors = [(key, p.detach().to(device="cpu", dtype=self.dtype or p.dtype))
+                   for key, p in adapter_params(model, name).items()]
+        return {"config": adapter_config(model, name), "tensors": bucket_payload(tensors)}
 
     def send(self) -> None:
         """Everything went in the payload."""
@@ -74,26 +87,32 @@ class LoRAReceiver:
     def begin(self) -> None:
         self.stats = {"load_s": 0.0, "bytes": 0}
 
-    def update(self, adapter: dict) -> None:
+    def update(self, payload: dict) -> None:
+        t0 = time.perf_counter()
+        self.stats = {"bytes": sum(self._load(adapter, slot) for slot, adapter in (
+            ("lora_request", payload["student"]), ("teacher_lora", payload.get("teacher"))) if adapter is not None)}
+        self.stats["load_s"] = time.perf_counter() - t0
+
+    def _load(self, adapter: dict, slot: str) -> int:
+        """Load `adapter` as a new vLLM adapter into the engine's `slot` attribute, dropping the one it replaces;
+        returns its size in bytes."""
         from vllm.lora.request import LoRARequest
 
         from ..adapters import write_adapter
 
-        t0 = time.perf_counter()
         tensors = dict(bucket_tensors(adapter["tensors"]))
-        previous = self.engine.lora_request
+        previous = getattr(self.engine, slot)
         lora_id = next(self.engine.lora_ids)  # vLLM caches adapters by id: a new one each time
         folder = write_adapter(self.root / f"adapter-{lora_id}", adapter["config"], tensors)
-        request = LoRARequest(f"student-{lora_id}", lora_id, str(folder))
+        request = LoRARequest(f"{slot}-{lora_id}", lora_id, str(folder))
         engine = self.engine.llm.llm_engine
         if not engine.add_lora(request):
-            raise RuntimeError(f"vLLM did not load the student adapter from {folder}")
-        self.engine.lora_request = request
+            raise RuntimeError(f"vLLM did not load the adapter from {folder}")
+        setattr(self.engine, slot, request)
         if previous is not None:
             engine.remove_lora(previous.lora_int_id)
             shutil.rmtree(previous.lora_path, ignore_errors=True)
-        self.stats = {"load_s": time.perf_counter() - t0,
-                      "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def finish(self, version: int) -> dict:
         self.engine.llm.reset_prefix_cache()  # cached prefixes were computed under the previous adapter

@@ -62,14 +62,13 @@ def bucket_tensors(payload: dict) -> list[tuple[str, torch.Tensor]]:
 class ObjectStoreSender:
     """Learner side. Rank 0 streams the buckets from its export; under ZeRO-3 the other ranks join each gather."""
 
-    def __init__(self, learner, dtype: str | None = None):
-        self.learner = learner
+    def __init__(self, learner, dtype: str | None = None, source: str = "student"):
+        self.rank = learner.rank
+        self.module, self.zero3 = learner.weight_source(source)
         self.dtype = getattr(torch, dtype) if dtype else None
 
     def _buckets(self):
-        lr = self.learner
-        return iter_buckets(lr.engine.module, zero3=lr.cfg.train.zero_stage == 3, bucket_bytes=BUCKET_BYTES,
-                            dtype=self.dtype, device="cpu")
+        return iter_buckets(self.module, zero3=self.zero3, bucket_bytes=BUCKET_BYTES, dtype=self.dtype, device="cpu")
 
     def init_info(self, num_engines: int) -> list[dict]:
         return [{}] * num_engines
@@ -84,7 +83,7 @@ class ObjectStoreSender:
 
     def send(self) -> None:
         """Ranks > 0 under ZeRO-3: join every bucket's gather (rank 0 gathers in `updates`)."""
-        if self.learner.rank > 0:
+        if self.rank > 0:
             for _ in self._buckets():
                 pass
 

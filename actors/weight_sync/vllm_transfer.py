@@ -64,9 +64,9 @@ class _NoopClient:
 class VLLMSender:
     """Learner side. Rank 0 holds the NCCL endpoint; under ZeRO-3 the other ranks only join the gathers."""
 
-    def __init__(self, learner, backend: str):
-        self.backend, self.module, self.rank = backend, learner.engine.module, learner.rank
-        self.zero3 = learner.cfg.train.zero_stage == 3
+    def __init__(self, learner, backend: str, source: str = "student"):
+        self.backend, self.rank = backend, learner.rank
+        self.module, self.zero3 = learner.weight_source(source)
         self._engine: Any = None  # vLLM's NCCL trainer engine once connected
         self._staged: dict | None = None  # ipc: the tensors the handles point at, kept until release()
 

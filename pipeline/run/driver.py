@@ -207,6 +207,8 @@ class Run:
         if ckpt and cfg.engines_follow_student:  # engines loaded the base from disk; a resumed learner has moved on
             self.rollouts.wake()
             self.weights.push(version=state["step"])
+            if actors.teacher_sync is not None:
+                actors.teacher_sync.push(version=state["step"])
         self.summary = {"steps": self.steps, "start_step": state["step"], "train_examples": len(self.train_set),
                         "eval_examples": len(self.eval_set), "checkpoint": str(ckpt) if ckpt else None}
         start = {}  # the step-0 record, on the base weights
@@ -234,9 +236,11 @@ class Run:
         """One optimizer step on every learner rank, each on its slice of the samples. Async mode: rank 0 may still
         be exporting the previous weights next to it (`hold`), and the next steps' generation runs meanwhile."""
         self.rollouts.sleep()
-        ranks = self.actors.learners
+        ranks, every = self.actors.learners, self.cfg.teacher.check_every
         holds = [self.weights.hold] + [None] * (len(ranks) - 1)
-        calls = [lr.step.remote(part, hold) for lr, part, hold in zip(ranks, shard(samples, len(ranks)), holds)]
+        checks = [bool(every) and (step + 1) % every == 0] + [False] * (len(ranks) - 1)  # rank 0 alone
+        calls = [lr.step.remote(part, hold, check) for lr, part, hold, check
+                 in zip(ranks, shard(samples, len(ranks)), holds, checks)]
         if self.cfg.train.distills:
             self.rollouts.prefetch(step)
         try:
@@ -245,7 +249,12 @@ class Run:
             raise LearnerFailed(
                 f"a learner rank died at step {step + 1} ({type(e).__name__}). Last complete checkpoint: "
                 f"{self.checkpoints.settle() or 'none'}; continue with `sdft train ... --resume`.") from e
-        record.update(metrics.as_dict())
+        values = metrics.as_dict()
+        record.update({k: v for k, v in values.items() if k not in ("topk_mass", "logprob_gap")})
+        if self.cfg.teacher_on_engines:  # wandb: teacher/topk_mass, teacher/seconds, teacher/logprob_gap
+            teacher = {"topk_mass": values["topk_mass"], "seconds": record["rollout"].pop("teacher_s")}
+            record["teacher"] = {**teacher, **({"logprob_gap": values["logprob_gap"]}
+                                               if values["logprob_gap"] is not None else {})}
         self._check_finite(step, metrics, record)
         return metrics
 
@@ -255,7 +264,7 @@ class Run:
         skip = bool(metrics.skipped) and self.cfg.train.on_nonfinite == "skip"
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skip else 0
         if skip:
-            record.update({k: None for k, v in metrics.as_dict().items() if not math.isfinite(v)})
+            record.update({k: None for k, v in metrics.as_dict().items() if v is not None and not math.isfinite(v)})
             logging.getLogger(__name__).warning("step %d skipped: %s", step + 1, metrics.describe_nonfinite())
         if (not metrics.finite() and not skip) or self.skipped_in_a_row > MAX_CONSECUTIVE_SKIPS:
             in_a_row = self.skipped_in_a_row
@@ -270,9 +279,11 @@ class Run:
         """The learner's new weights to the engines. Async mode: they load next to the learner's next step, and the
         record carries the push that finished meanwhile (the previous version's). Strict: now, and with
         sync.check_greedy checked against the learner's greedy output. dft: the engines keep the frozen teacher."""
-        cfg = self.cfg
-        if not cfg.engines_follow_student:
-            return {}
+        cfg, teacher = self.cfg, self.actors.teacher_sync
+        if teacher is not None and version % cfg.teacher.sync_every == 0:  # phi to the teacher pool
+            teacher.start(version)
+        if not cfg.engines_follow_student or not (cfg.train.distills or cfg.sync.check_greedy):
+            return {}  # dft: the engines keep the frozen teacher; sft: nothing samples, eval pushes when it is due
         self.rollouts.wake()
         if cfg.async_.max_staleness and not cfg.sync.check_greedy:
             stats = self.rollouts.wait_weights()
@@ -323,6 +334,8 @@ class Run:
     # ---- after the last step ----------------------------------------------------------------------------------
     def end(self) -> dict:
         self.rollouts.wait_weights()
+        if self.actors.teacher_sync is not None:
+            self.actors.teacher_sync.wait()
         self.summary["checkpoint"] = self.checkpoints.finish()
         self.logger.finish()
         return self.summary

@@ -6,6 +6,12 @@ Generation for step j is submitted while the learner works on step j - k (k = as
 runs on weights at most k versions old; every sample carries the version that produced it. Engines execute
 calls in order, so a weight push queued behind in-flight generation lands after it, and generation submitted after a
 push started lands behind its weights. With k = 0 this is the strict on-policy loop: generate, train, sync.
+
+With the teacher on the engines (teacher.placement=engines) every completion is scored under the teacher as soon as
+it exists: by the rollout engine that sampled it, in the same call (live teacher; LoRA frozen / ema: the base / the EMA
+adapter on the same engines), or by an engine of the teacher pool, called with the generation's result (a Ray
+ObjectRef: it starts when generation ends, without the driver). In async mode scoring thus overlaps the learner's
+previous step, on the teacher weights the pool holds then (ema: up to k pushes of phi behind).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class _Pending:
     prompts: list[Example]
     seeds: list[int]
     shards: list = field(default_factory=list)  # [(engine index, prompt indices, ObjectRef)]
+    scores: list = field(default_factory=list)  # teacher pool: [(teacher engine index, ObjectRef)], one per shard
 
 
 class Rollouts:
@@ -61,9 +68,13 @@ class Rollouts:
     @contextmanager
     def student_weights(self, version: int):
         """Eval and the forgetting monitor score the student. Engines that sample as the frozen teacher (dft) hold
-        the initial weights: they get the student's for the duration and the initial ones back after."""
+        the initial weights: they get the student's for the duration and the initial ones back after. SFT pushes
+        nothing after its steps: the student's weights go out here, when an eval or the monitor needs them."""
         sync = self.actors.sync
         if self.cfg.engines_follow_student:
+            if sync.version != version:  # sft: no push since the last eval (nothing samples in between)
+                self.wake()
+                sync.push(version)
             sync.deliver()
             yield
             return
@@ -85,18 +96,19 @@ class Rollouts:
                 self._await_engine(i)
             return self.actors.sync.resync(list(range(len(self.actors.engines))))
 
-    def _await_engine(self, i: int) -> None:
-        engine, deadline = self.actors.engines[i], time.monotonic() + RESTART_TIMEOUT_S
+    def _await_engine(self, i: int, pool: str = "rollout") -> None:
+        engines = self.actors.teachers if pool == "teacher" else self.actors.engines
+        engine, deadline = engines[i], time.monotonic() + RESTART_TIMEOUT_S
         while True:
             try:
                 ray.get(engine.__ray_ready__.remote(), timeout=30)
                 return
             except ActorDiedError as e:
-                raise EngineFailed(f"rollout engine {i} died and cannot be restarted "
+                raise EngineFailed(f"{pool} engine {i} died and cannot be restarted "
                                    f"(ray.engine_max_restarts={self.cfg.ray.engine_max_restarts}): {e}") from None
             except (RayActorError, GetTimeoutError):
                 if time.monotonic() > deadline:
-                    raise EngineFailed(f"rollout engine {i} did not come back within {RESTART_TIMEOUT_S}s") from None
+                    raise EngineFailed(f"{pool} engine {i} did not come back within {RESTART_TIMEOUT_S}s") from None
                 time.sleep(1)
 
     def _recover(self, i: int) -> None:
@@ -114,18 +126,28 @@ class Rollouts:
     def _prompt(self, ex: Example) -> list[int]:
         return ex.teacher_ids if self.cfg.rollout.context == "teacher" else ex.student_ids
 
+    def _scored_here(self) -> bool:
+        """The rollout engines score the teacher themselves, right after sampling (teacher.placement=engines)."""
+        return self.cfg.teacher_on_engines and not self.cfg.teacher_pool
+
     def _submit(self, step: int) -> None:
         self.actors.sync.deliver()  # behind the newest weights
         n = self.cfg.rollout.samples_per_prompt
         prompts = [ex for ex in self.batch_for_step(step) for _ in range(n)]
         job = _Pending(prompts, sample_seeds(self.cfg.train.seed, step, len(prompts)))
+        contexts = [ex.teacher_ids for ex in prompts] if self._scored_here() else None
         job.shards = submit_sharded(self.actors.engines, [self._prompt(ex) for ex in prompts], job.seeds,
-                                    **self._sampling())
+                                    teacher_contexts=contexts, **self._sampling())
+        pool = self.actors.teachers
+        for k, (_, idx, ref) in enumerate(job.shards):  # the pool scores each shard once it is generated
+            if pool:
+                job.scores.append((k % len(pool), pool[k % len(pool)].score.remote(
+                    [prompts[j].teacher_ids for j in idx], ref)))
         self.pending[step] = job
 
     def _collect(self, job: _Pending) -> list[Completion]:
         out: list[Completion] = [None] * len(job.prompts)  # type: ignore[list-item]
-        for i, idx, ref in job.shards:
+        for k, (i, idx, ref) in enumerate(job.shards):
             while True:
                 try:
                     results = ray.get(ref)
@@ -133,11 +155,32 @@ class Rollouts:
                 except RayActorError:  # the engine crashed mid-generation: restart, re-sync, same seeds again
                     self._recover(i)
                     engine = self.actors.engines[i]
+                    contexts = [job.prompts[j].teacher_ids for j in idx] if self._scored_here() else None
                     ref = engine.generate.remote([self._prompt(job.prompts[j]) for j in idx],
-                                                 seeds=[job.seeds[j] for j in idx], **self._sampling())
+                                                 seeds=[job.seeds[j] for j in idx], teacher_contexts=contexts,
+                                                 **self._sampling())
+            if job.scores:
+                for r, scores in zip(results, self._pool_scores(job, k, idx, results)):
+                    r.teacher = scores
             for j, r in zip(idx, results):
                 out[j] = r
         return out
+
+    def _pool_scores(self, job: _Pending, k: int, idx: list[int], results: list[Completion]) -> list:
+        """The teacher pool's scores of shard k; a teacher engine that crashed is awaited, brought to the current phi
+        and asked again."""
+        t, ref = job.scores[k]
+        while True:
+            try:
+                return ray.get(ref)
+            except RayActorError:
+                self.restarts += 1
+                self._await_engine(t, pool="teacher")
+                sync = self.actors.teacher_sync
+                if sync is not None and sync.version:
+                    sync.abandon()
+                    sync.resync([t])
+                ref = self.actors.teachers[t].score.remote([job.prompts[j].teacher_ids for j in idx], results)
 
     def prefetch(self, step: int) -> None:
         """Submit generation for the max_staleness steps after `step` (async mode), to run while the learner works
@@ -152,10 +195,12 @@ class Rollouts:
             self._submit(step)
         job = self.pending.pop(step)
         outs = self._collect(job)
-        samples = [Sample(ex.student_ids, o.token_ids, ex.teacher_ids, o.logprobs, o.weight_version)
+        samples = [Sample(ex.student_ids, o.token_ids, ex.teacher_ids, o.logprobs, o.weight_version, o.teacher)
                    for ex, o in zip(job.prompts, outs)]
         tokens = sum(len(o.token_ids) for o in outs)
-        busy = {i: outs[idx[0]].gen_seconds for i, idx, _ in job.shards}  # engine-side seconds per engine
+        # engine-side seconds per engine (scoring included where the rollout engines score the teacher)
+        busy = {i: outs[idx[0]].gen_seconds + (outs[idx[0]].teacher.seconds if self._scored_here() else 0.0)
+                for i, idx, _ in job.shards}
         # versions behind the learner; 0 when the engines sample as the frozen teacher by design (dft)
         staleness = [step - o.weight_version if self.cfg.engines_follow_student else 0 for o in outs]
         return samples, {
@@ -164,4 +209,6 @@ class Rollouts:
             "truncated_frac": sum(o.finish_reason == "length" for o in outs) / len(outs),
             "staleness_mean": sum(staleness) / len(staleness), "staleness_max": max(staleness),
             "busy_s": sum(busy.values()), "engine_restarts": self.restarts,
+            **({"teacher_s": max(outs[idx[0]].teacher.seconds for _, idx, _ in job.shards)}
+               if self.cfg.teacher_on_engines else {}),
         }

@@ -1,0 +1,104 @@
+"""teacher.placement=engines: the teacher's top-k scored by vLLM (a prefill with prompt log-probs) instead of a teacher
+forward on the learner — every teacher kind, with and without LoRA, strict and async, on real Ray + vLLM + DeepSpeed."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+
+SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
+ENGINES = ("teacher.placement=engines", "teacher.check_every=1")
+
+
+def _cfg(tmp_path, name, *overrides):
+    return load_config(SMOKE, [f"output_dir={tmp_path / name}", "logging.progress=false", "logging.wandb=false",
+                               "train.steps=3", "train.batch_size=4", "train.micro_batch_size=2",
+                               "rollout.max_new_tokens=12", "eval.max_new_tokens=8", "checkpoint.final=false",
+                               "train.lr=2e-2", "train.warmup_steps=0", "teacher.ema_alpha=0.5", *overrides])
+
+
+def _steps(tmp_path, name, *overrides) -> list[dict]:
+    from pipeline.run.driver import train
+
+    train(_cfg(tmp_path, name, *overrides))
+    return [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()][1:]
+
+
+def _same_steps(engines: list[dict], learner: list[dict], steps=(1, 2, 3)) -> None:
+    """The full-vocabulary engine-scored run computes the learner-scored run's losses and gradients (fp32)."""
+    for s in steps:
+        e, l = engines[s - 1], learner[s - 1]
+        assert e["loss"] == pytest.approx(l["loss"], rel=1e-5, abs=1e-6), s
+        assert e["grad_norm"] == pytest.approx(l["grad_norm"], rel=1e-4), s
+        assert e["kl"] > 0
+
+
+# ---- configuration --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, words", [
+    ("loss.temperature=2", "loss.temperature"),
+    ("loss.divergence=reverse_kl", "loss.divergence=reverse_kl"),
+    ("loss.backend=fused_linear", "loss.backend"),
+    ("model.lora.target_modules=[q_proj,lm_head]", "lm_head"),
+])
+def test_engine_teacher_refuses_what_vllm_cannot_score(override, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(SMOKE, ["teacher.placement=engines", "model.lora.r=8", override])
+
+
+def test_pool_only_where_the_rollout_engines_lack_the_teacher():
+    def pool(*o):
+        return load_config(SMOKE, ["teacher.placement=engines", *o]).teacher_pool
+
+    assert pool("teacher.kind=ema") and pool("teacher.kind=frozen")
+    assert not pool("teacher.kind=live") and not pool("teacher.kind=ema", "model.lora.r=8")
+    # the baselines keep their own teacher path (sdft compare runs every method from one config)
+    assert not load_config(SMOKE, ["teacher.placement=engines", "train.mode=dft"]).teacher_on_engines
+    assert not load_config(SMOKE, ["teacher.placement=engines", "train.mode=sft"]).teacher_on_engines
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_live_teacher_on_the_rollout_engines_equals_the_learners(tmp_path, ray_session, tiny_model):
+    engines = _steps(tmp_path, "engines", "teacher.kind=live", "teacher.topk=-1", *ENGINES)
+    _same_steps(engines, _steps(tmp_path, "learner", "teacher.kind=live"))
+    for r in engines:
+        assert r["teacher"]["topk_mass"] == pytest.approx(1.0, abs=1e-5)  # the full vocabulary
+        assert r["teacher"]["logprob_gap"] < 1e-4 and r["teacher"]["seconds"] > 0
+        assert r["pad_fraction"] >= 0 and "teacher" not in r["timing_s"]
+
+
+@pytest.mark.slow
+def test_ema_teacher_pool_moves_with_phi_every_sync(tmp_path, ray_session, tiny_model):
+    """Full fine-tuning: a teacher engine of its own gets phi every teacher.sync_every = 2 steps. Step 1 scores on phi_0
+    as the learner does; step 2 on phi one EMA update old (the gap shows it, and the loss differs); step 3 on the
+    learner's own phi again, pushed after step 2."""
+    engines = _steps(tmp_path, "engines", "teacher.kind=ema", "teacher.topk=-1", "teacher.sync_every=2",
+                     "ray.rollout_cpus=0.5", *ENGINES)
+    learner = _steps(tmp_path, "learner", "teacher.kind=ema")
+    _same_steps(engines, learner, steps=(1,))
+    gaps = [r["teacher"]["logprob_gap"] for r in engines]
+    assert gaps[0] < 1e-4 and gaps[2] < 1e-4 and gaps[1] > 1e-3, gaps
+    assert engines[1]["loss"] != pytest.approx(learner[1]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_lora_ema_adapter_on_the_engines_equals_the_learners(tmp_path, ray_session, tiny_model):
+    """LoRA: the EMA adapter travels with the student's, served as a second adapter on the rollout engines."""
+    engines = _steps(tmp_path, "engines", "teacher.kind=ema", "model.lora.r=8", "teacher.topk=-1", *ENGINES)
+    _same_steps(engines, _steps(tmp_path, "learner", "teacher.kind=ema", "model.lora.r=8"))
+    assert all(r["teacher"]["logprob_gap"] < 1e-4 for r in engines)
+
+
+@pytest.mark.slow
+def test_lora_frozen_top_k_async(tmp_path, ray_session, tiny_model):
+    """LoRA frozen teacher (the engines' base), top-5 with the tail bucket, async: the engine's teacher is the learner's
+    base, and the top-5 hold part of the mass only."""
+    engines = _steps(tmp_path, "engines", "teacher.kind=frozen", "model.lora.r=8", "teacher.topk=5",
+                     "async.max_staleness=1", *ENGINES)
+    for r in engines:
+        assert r["teacher"]["logprob_gap"] < 1e-4
+        assert 0 < r["teacher"]["topk_mass"] < 1 and r["kl"] > 0 and r["loss"] == r["loss"]
+    assert max(r["rollout"]["staleness_max"] for r in engines) == 1
