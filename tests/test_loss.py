@@ -133,3 +133,14 @@ def test_completion_rows_align_with_unpadded_forward(tiny_model):
             logits = model(torch.tensor([c + y])).logits[0]
             want.append(logits[len(c) - 1 : len(c) - 1 + len(y)])  # the positions that predict y
     assert torch.allclose(rows, torch.cat(want), atol=1e-4)
+
+
+def test_token_clip_caps_each_token_and_stops_its_gradient():
+    layout = TokenLayout.from_lengths([2, 2])
+    per_token = torch.tensor([0.5, 3.0, 1.0, 9.0], requires_grad=True)
+    out = sdft_loss(per_token, torch.zeros(4), torch.tensor([5, 6, 7, 8]), None, layout, eos_id=EOS, is_cap=None,
+                    token_clip=2.0)
+    assert out.loss.item() == pytest.approx(((0.5 + 2.0) / 2 + (1.0 + 2.0) / 2) / 2)
+    assert out.divergence.item() == pytest.approx((0.5 + 2.0 + 1.0 + 2.0) / 4)
+    out.loss.backward()
+    assert per_token.grad.tolist() == pytest.approx([0.25, 0.0, 0.25, 0.0])  # clipped tokens give no gradient

@@ -13,17 +13,20 @@ SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
 ENGINES = ("teacher.placement=engines", "teacher.check_every=1")
 
 
+# a high lr and EMA rate: the student and the EMA teacher move visibly in 3 steps
+RUN = ["logging.progress=false", "logging.wandb=false", "train.steps=3", "train.batch_size=4", "train.micro_batch_size=2",
+       "rollout.max_new_tokens=12", "eval.max_new_tokens=8", "checkpoint.final=false", "train.lr=2e-2",
+       "train.warmup_steps=0", "teacher.ema_alpha=0.5"]
+
+
 def _cfg(tmp_path, name, *overrides):
-    return load_config(SMOKE, [f"output_dir={tmp_path / name}", "logging.progress=false", "logging.wandb=false",
-                               "train.steps=3", "train.batch_size=4", "train.micro_batch_size=2",
-                               "rollout.max_new_tokens=12", "eval.max_new_tokens=8", "checkpoint.final=false",
-                               "train.lr=2e-2", "train.warmup_steps=0", "teacher.ema_alpha=0.5", *overrides])
+    return load_config(SMOKE, [f"output_dir={tmp_path / name}", *RUN, *overrides])
 
 
-def _steps(tmp_path, name, *overrides) -> list[dict]:
+def _steps(tmp_path, name, *overrides, on_step=None) -> list[dict]:
     from pipeline.run.driver import train
 
-    train(_cfg(tmp_path, name, *overrides))
+    train(_cfg(tmp_path, name, *overrides), on_step=on_step)
     return [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()][1:]
 
 
@@ -102,3 +105,36 @@ def test_lora_frozen_top_k_async(tmp_path, ray_session, tiny_model):
         assert r["teacher"]["logprob_gap"] < 1e-4
         assert 0 < r["teacher"]["topk_mass"] < 1 and r["kl"] > 0 and r["loss"] == r["loss"]
     assert max(r["rollout"]["staleness_max"] for r in engines) == 1
+
+
+@pytest.mark.slow
+def test_pool_with_two_zero3_ranks_and_two_engines_resumes_exactly(tmp_path, ray_session, tiny_model):
+    """The EMA teacher pool next to 2 ZeRO-3 learner ranks and 2 rollout engines. The pool engine is killed after step
+    1: it restarts, gets the current phi and scores step 2 again (the gap stays at rounding). A run resumed from the
+    step-2 checkpoint brings the pool to the checkpoint's phi and computes step 3 as the uninterrupted run did."""
+    import os
+    import shutil
+    import signal
+
+    from pipeline.cli import main as cli_main
+
+    def kill_teacher_engine(step, actors):
+        if step == 1:
+            os.kill(ray_session.get(actors.teachers[0].node.remote())["pid"], signal.SIGKILL)
+
+    layout = ["teacher.kind=ema", "teacher.topk=-1", *ENGINES, "ray.learner_ranks=2", "train.zero_stage=3",
+              "rollout.num_engines=2", "ray.learner_cpus=0.5", "ray.rollout_cpus=0.25"]
+    straight = _steps(tmp_path, "straight", *layout, "checkpoint.every=2", "checkpoint.keep_last=3",
+                      on_step=kill_teacher_engine)
+    assert all(r["teacher"]["logprob_gap"] < 1e-4 for r in straight)
+    assert straight[-1]["rollout"]["engine_restarts"] >= 1
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", resumed, ignore=shutil.ignore_patterns("step_000003", "wandb"))
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()[:3]  # steps 0-2: stopped after the checkpoint
+    (resumed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert cli_main(["train", "--resume", "--output", str(resumed), SMOKE, *RUN, *layout]) == 0
+    got = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == [0, 1, 2, 3]
+    assert got[3]["loss"] == pytest.approx(straight[2]["loss"], rel=1e-6, abs=1e-9)
+    assert got[3]["teacher"]["logprob_gap"] < 1e-4

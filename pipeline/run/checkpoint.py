@@ -33,7 +33,7 @@ RESUME_SAFE_KEYS = (
     "output_dir", "train.steps", "train.epochs", "eval", "logging", "checkpoint", "monitor", "gate",
     "sync.check_greedy", "ray.address", "ray.num_cpus", "ray.placement", "ray.learner_cpus", "ray.rollout_cpus",
     "ray.learner_threads", "ray.rollout_threads", "ray.learner_resources", "ray.rollout_resources",
-    "ray.engine_max_restarts",
+    "ray.engine_max_restarts", "teacher.check_every",
 )
 
 

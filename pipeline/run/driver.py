@@ -279,9 +279,9 @@ class Run:
         """The learner's new weights to the engines. Async mode: they load next to the learner's next step, and the
         record carries the push that finished meanwhile (the previous version's). Strict: now, and with
         sync.check_greedy checked against the learner's greedy output. dft: the engines keep the frozen teacher."""
-        cfg, teacher = self.cfg, self.actors.teacher_sync
-        if teacher is not None and version % cfg.teacher.sync_every == 0:  # phi to the teacher pool
-            teacher.start(version)
+        cfg = self.cfg
+        if self.actors.teacher_sync is not None and version % cfg.teacher.sync_every == 0:
+            self.rollouts.push_teacher(version)
         if not cfg.engines_follow_student or not (cfg.train.distills or cfg.sync.check_greedy):
             return {}  # dft: the engines keep the frozen teacher; sft: nothing samples, eval pushes when it is due
         self.rollouts.wake()

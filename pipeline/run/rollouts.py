@@ -174,13 +174,29 @@ class Rollouts:
             try:
                 return ray.get(ref)
             except RayActorError:
-                self.restarts += 1
-                self._await_engine(t, pool="teacher")
-                sync = self.actors.teacher_sync
-                if sync is not None and sync.version:
-                    sync.abandon()
-                    sync.resync([t])
+                self._recover_teachers([t])
                 ref = self.actors.teachers[t].score.remote([job.prompts[j].teacher_ids for j in idx], results)
+
+    def push_teacher(self, version: int) -> None:
+        """phi as `version` to the teacher pool (teacher.kind=ema), once the previous push has landed; pool engines
+        that died under it are awaited and re-synced first."""
+        sync = self.actors.teacher_sync
+        try:
+            sync.wait()
+        except RayActorError:
+            self._recover_teachers(list(range(len(self.actors.teachers))))
+        sync.start(version)
+
+    def _recover_teachers(self, indices: list[int]) -> None:
+        """Pool engines restart from model.path: bring them to the current phi (frozen: nothing to bring)."""
+        self.restarts += 1
+        sync = self.actors.teacher_sync
+        if sync is not None:
+            sync.abandon()
+        for t in indices:
+            self._await_engine(t, pool="teacher")
+        if sync is not None and sync.version:
+            sync.resync(indices)
 
     def prefetch(self, step: int) -> None:
         """Submit generation for the max_staleness steps after `step` (async mode), to run while the learner works
