@@ -2,10 +2,13 @@
 same rollouts through Hugging Face `generate` as the baseline for the vLLM engine; or (`--lora`) full fine-tuning
 against a LoRA adapter of rank 16 (step split, bytes and seconds per sync, peak memory of learner and engine); or
 (`--packing`) the learner's padded forwards against packed ones (`train.packing`), on demonstrations of mixed length
-(1 to 8 sentences) and completions sampled at temperature 1 up to --max-new-tokens, runs interleaved --reps times.
+(1 to 8 sentences) and completions sampled at temperature 1 up to --max-new-tokens, runs interleaved --reps times;
+or (`--teacher`) the teacher scored on the learner against on vLLM engines (`teacher.placement`), ema and live, strict
+and async, next to SFT's step.
 
     python benchmarks/throughput.py [--steps 12] [--batch 8] [--max-new-tokens 32] [--model tiny:llama] [--lora]
     python benchmarks/throughput.py --packing --model package:smollm2 --max-new-tokens 128 --steps 6 --reps 2
+    python benchmarks/throughput.py --teacher --model package:smollm2 --batch 4 --steps 8
 
 Prints one table, every row as a ratio to the first (strict, 1 engine), and the machine it ran on.
 Steady state: the first step (compilation, caches) is left out of the rates.
@@ -46,7 +49,7 @@ def _run(name: str, args, *overrides) -> dict:
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r][1:]  # steady state
     seconds = sum(r["timing_s"]["step"] for r in steps)
-    tokens = sum(r["rollout"]["tokens"] for r in steps)
+    tokens = sum(r.get("rollout", {}).get("tokens", r["tokens"]) for r in steps)  # sft: the demonstrations
     return {
         "name": name, "steps_per_s": len(steps) / seconds, "tokens_per_s": tokens / seconds,
         "rollout_s": sum(r["timing_s"]["rollout"] for r in steps) / len(steps),
@@ -54,7 +57,8 @@ def _run(name: str, args, *overrides) -> dict:
         "sync_s": sum(r["timing_s"]["sync"] for r in steps) / len(steps),
         "rollout_idle": sum(r["idle"]["rollout"] for r in steps) / len(steps),
         "learner_idle": sum(r["idle"]["learner"] for r in steps) / len(steps),
-        "engine_tokens_per_s": sum(r["rollout"]["tokens_per_s"] for r in steps) / len(steps), "wall_s": wall,
+        "engine_tokens_per_s": sum(r.get("rollout", {}).get("tokens_per_s", 0.0) for r in steps) / len(steps),
+        "wall_s": wall,
         "sync_mb": sum(r["sync"].get("bytes", 0) for r in steps) / len(steps) / 2**20,
         "pad_fraction": sum(r["pad_fraction"] for r in steps) / len(steps),
         "learner_tokens_per_s": sum(r["tokens"] for r in steps) / sum(r["timing_s"]["learner"] for r in steps),
@@ -119,12 +123,15 @@ def main() -> None:
     p.add_argument("--packing", action="store_true", help="padded vs packed learner forwards instead of the layouts")
     p.add_argument("--reps", type=int, default=2, help="--packing: interleaved runs of each")
     p.add_argument("--budget", type=int, help="--packing: also packed forwards with train.micro_batch_tokens=BUDGET")
+    p.add_argument("--teacher", action="store_true", help="teacher.placement learner vs engines, and SFT, instead")
     args = p.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
     if args.packing:
         return _packing(args)
     if args.lora:
         return _print_lora(args, [_run("full fine-tuning", args), _run("LoRA r=16", args, "model.lora.r=16")])
+    if args.teacher:
+        return _teacher(args)
 
     rows = [
         _run("strict, 1 engine", args),
@@ -154,6 +161,32 @@ def main() -> None:
         timing = (f"{r['rollout_s']:9.3f} {r['learner_s']:9.3f} {r['sync_s']:7.3f} "
                   f"{r['rollout_idle']:.2f}/{r['learner_idle']:.2f}") if "rollout_s" in r else ""
         print(f"{r['name']:38} {sps:>8} {sps_r:>6} {tps:>8} {tps_r:>6} {eng:>12} {eng_r:>6} {timing}")
+
+
+def _teacher(args) -> None:
+    """teacher.placement=learner against engines (the live teacher on the rollout engine, and the EMA teacher on a pool
+    engine of its own: ray.num_cpus=3 for its bundle), strict and async, and SFT's step on the same batches."""
+    pool = ["teacher.placement=engines", "teacher.kind=ema", "ray.num_cpus=3"]
+    layouts = [("strict", []), ("async", ["async.max_staleness=1"])]
+    rows = []
+    for mode, extra in layouts:
+        rows += [_run(f"{mode}, ema teacher on the learner", args, "teacher.kind=ema", *extra),
+                 _run(f"{mode}, ema teacher on a pool engine", args, *pool, *extra),
+                 _run(f"{mode}, ema teacher on a pool engine, phi every 4 steps", args, *pool,
+                      "teacher.sync_every=4", *extra),
+                 _run(f"{mode}, live teacher on the learner", args, "teacher.kind=live", *extra),
+                 _run(f"{mode}, live teacher on the rollout engine", args, "teacher.kind=live",
+                      "teacher.placement=engines", *extra)]
+    rows.append(_run("sft", args, "train.mode=sft"))
+    sft = rows[-1]["steps_per_s"]
+    print(f"\nteacher.placement — {_machine()}")
+    print(f"model {args.model}, {args.steps} steps x {args.batch} prompts, {args.max_new_tokens} new tokens, "
+          "steady state (first step excluded); teacher.topk=20 on the engines\n")
+    print("| run | s/step | SDFT / SFT s/step | rollout s | learner s | sync s | engine idle | learner idle |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {1 / r['steps_per_s']:.3f} | {sft / r['steps_per_s']:.2f}× | {r['rollout_s']:.3f} | "
+              f"{r['learner_s']:.3f} | {r['sync_s']:.3f} | {r['rollout_idle']:.2f} | {r['learner_idle']:.2f} |")
 
 
 def _print_lora(args, rows: list[dict]) -> None:

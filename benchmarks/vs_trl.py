@@ -13,6 +13,11 @@ defaults: in strict mode learner and engine each get both cores, as they take tu
   sdft-async   the same with `async.max_staleness=1` (generation for step j overlaps the learner's step j - 1)
   trl-vllm     TRL SDFTTrainer, `use_vllm=True, vllm_mode="colocate"` (vLLM in the trainer's process, fp32 engine)
   trl-hf       TRL SDFTTrainer sampling with Hugging Face `generate`
+  sdft-strict-engines, sdft-async-engines  (only with --rows) the same with `teacher.placement=engines` (top-20
+               prompt log-probs on a teacher engine of its own, phi pushed every step; `ray.num_cpus=3` for its
+               bundle): the learner runs the student's forward and backward only
+  sft          (only with --rows) sdft's SFT baseline, `train.mode=sft`, same recipe: NLL of the demonstrations,
+               weights pushed only for evals; the table then adds each SDFT row's s/step over SFT's
   sdft-strict-1t  (only with --rows) sdft strict with one thread per process instead of both cores per phase
   sdft-async-l2   (only with --rows) sdft async with two learner threads, waiting passively, and one engine
                thread (the learner shares a core with the engine while both run)
@@ -23,7 +28,7 @@ defaults: in strict mode learner and engine each get both cores, as they take tu
 
 Workloads: `tiny` = `tiny:llama` (the project's random tiny Llama) with 8 prompts x 32 new tokens per step on
 configs/data/tiny.jsonl; `smollm2` = `package:smollm2` (SmolLM2-135M-Instruct) with 4 prompts x 32 new tokens on
-configs/data/smollm2/facts_train.jsonl.
+configs/data/smollm2/facts_train.jsonl; `smollm2-8x64` the same with 8 prompts x 64 new tokens.
 
 Every run is its own fresh Python process (`--worker ROW`; sdft rows with this interpreter, TRL rows with the TRL
 venv's, see --trl-python), repetitions interleaved (A B C D A B C D ...) so drift in the machine's load hits every
@@ -69,13 +74,21 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 WORKLOADS = {
     "tiny": dict(spec="tiny:llama", data="configs/data/tiny.jsonl", batch=8, max_model_len=256),
     "smollm2": dict(spec="package:smollm2", data="configs/data/smollm2/facts_train.jsonl", batch=4, max_model_len=512),
+    "smollm2-8x64": dict(spec="package:smollm2", data="configs/data/smollm2/facts_train.jsonl", batch=8,
+                         max_model_len=512, max_new_tokens=64),
 }
 ROWS = {
     "sdft-strict": "sdft strict (staleness 0)",
     "sdft-async": "sdft async (staleness 1)",
     "trl-vllm": "TRL SDFTTrainer + vLLM colocate",
     "trl-hf": "TRL SDFTTrainer + HF generate",
-    # not in the default set: other thread layouts than sdft's CPU default
+    # not in the default set: the teacher scored on vLLM engines (teacher.placement=engines, top-20; the EMA teacher
+    # of full fine-tuning is a teacher engine of its own, hence a third CPU bundle: ray.num_cpus=3), and the SFT
+    # baseline on the same data and recipe (NLL of the demonstrations: no rollouts, no teacher)
+    "sdft-strict-engines": "sdft strict, teacher on engines",
+    "sdft-async-engines": "sdft async, teacher on engines",
+    "sft": "sft baseline (sdft's learner, no rollouts)",
+    # other thread layouts than sdft's CPU default
     "sdft-strict-1t": "sdft strict, 1 thread per process",
     "sdft-async-l2": "sdft async, 2 learner threads (passive) + 1 engine thread",
     # the floor: sdft's learner and engine in one process, no Ray and no sync, taking turns (see _floor_worker)
@@ -116,7 +129,7 @@ def _sdft_config(row: str, spec: dict, out: Path):
         "eval.max_new_tokens=1", "logging.wandb=false", "logging.progress=false", "checkpoint.every=0",
         "train.mode=sdft", f"train.steps={spec['steps']}", f"train.batch_size={n}", f"train.micro_batch_size={n}",
         f"train.lr={r['lr']}", f"train.warmup_steps={r['warmup_steps']}", "train.lr_schedule=cosine",
-        f"train.grad_clip={r['grad_clip']}", f"train.seed={r['seed']}", f"rollout.max_new_tokens={r['max_new_tokens']}",
+        f"train.grad_clip={r['grad_clip']}", f"train.seed={r['seed']}", f"rollout.max_new_tokens={spec['max_new_tokens']}",
         "rollout.samples_per_prompt=1", "rollout.temperature=1.0", "rollout.top_p=1.0",
         "teacher.kind=ema", f"teacher.ema_alpha={r['ema_alpha']}", "loss.divergence=forward_kl",
         f"loss.skip_first_tokens={r['skip_first_tokens']}",
@@ -124,6 +137,10 @@ def _sdft_config(row: str, spec: dict, out: Path):
     ]
     overrides += {"sdft-strict-1t": ["ray.learner_threads=1", "ray.rollout_threads=1"],
                   "sdft-async-l2": ["ray.learner_threads=2", "ray.rollout_threads=1"]}.get(row, [])
+    if row.endswith("-engines"):
+        overrides += ["teacher.placement=engines", "ray.num_cpus=3"]
+    if row == "sft":
+        overrides.append("train.mode=sft")
     if "final" in CheckpointConfig.model_fields:  # the end-of-run checkpoint, when it can be turned off
         overrides.append("checkpoint.final=false")
     return load_config(SMOKE, overrides)
@@ -242,7 +259,7 @@ def _trl_worker(row: str, spec: dict) -> dict:
         gradient_accumulation_steps=1, learning_rate=r["lr"], lr_scheduler_type="cosine",
         warmup_steps=r["warmup_steps"], weight_decay=0.0, max_grad_norm=r["grad_clip"], optim="adamw_torch",
         dataloader_pin_memory=False, model_init_kwargs={"dtype": "float32"},
-        num_generations=1, max_prompt_length=None, max_completion_length=r["max_new_tokens"], temperature=1.0,
+        num_generations=1, max_prompt_length=None, max_completion_length=spec["max_new_tokens"], temperature=1.0,
         top_p=1.0, top_k=0, distillation_mode="full_logits", distillation_alpha=0.0,  # alpha 0: KL(teacher||student)
         distillation_is_clip=2.0, num_loss_tokens_to_skip=r["skip_first_tokens"], teacher_model_kind="ema",
         teacher_update_rate=r["ema_alpha"], teacher_sync_steps=1, teacher_prompt_template=spec["teacher_template"],
@@ -290,7 +307,7 @@ def _trl_worker(row: str, spec: dict) -> dict:
 
 def run_worker(row: str, spec_file: str, result_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
-    worker = {"sdft": _sdft_worker, "floor": _floor_worker, "trl": _trl_worker}[row.split("-")[0]]
+    worker = {"sdft": _sdft_worker, "sft": _sdft_worker, "floor": _floor_worker, "trl": _trl_worker}[row.split("-")[0]]
     res = worker(row, spec)
     res["versions"] = _versions()
     Path(result_file).write_text(json.dumps(res))
@@ -435,6 +452,9 @@ def table(model: str, results: list[dict], rows: list[str], warmup: int) -> str:
         cells = [ROWS[row], f"{s:.3f} ({lo:.3f}–{hi:.3f})", *[f"{med[b] / s:.2f}×" for b in bases],
                  f"{t:.1f} ({tlo:.1f}–{thi:.1f})", _split_text(split), f"{len(runs)}/{len(runs) + n_fail}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if "sft" in med:  # the paper's cost question: each SDFT layout's step time against SFT's
+        lines.append("\nSDFT / SFT s/step: " + ", ".join(f"{ROWS[r]} {med[r] / med['sft']:.2f}×"
+                                                        for r in rows if r in med and r.startswith("sdft")))
     states = sorted({r["code"] for r in results if not r["row"].startswith("trl")})
     if len(states) > 1:
         lines.append(f"\nWARNING: the sdft code changed during this benchmark ({', '.join(states)}); rerun it.")
@@ -509,6 +529,7 @@ def main() -> None:
         w = WORKLOADS[model]
         spec = {"model_spec": w["spec"], "model_path": resolve_model(w["spec"]), "data": w["data"],
                 "batch": w["batch"], "max_model_len": w["max_model_len"], "steps": args.steps,
+                "max_new_tokens": w.get("max_new_tokens", RECIPE["max_new_tokens"]),
                 "teacher_template": teacher_template}
         model_results = []
         for rep in range(args.reps):
@@ -524,7 +545,7 @@ def main() -> None:
                           + "\n".join("      " + line for line in res["log_tail"]), flush=True)
                 model_results.append(res)
         results += model_results
-        w_desc = f"{w['batch']} prompts x {RECIPE['max_new_tokens']} new tokens per step"
+        w_desc = f"{w['batch']} prompts x {w.get('max_new_tokens', RECIPE['max_new_tokens'])} new tokens per step"
         tables[model] = (f"### {model} ({w['spec']}, {w_desc}; load average now {loadavg()})\n\n"
                          + table(model, model_results, rows, args.warmup_steps))
         print("\n" + tables[model] + "\n", flush=True)
