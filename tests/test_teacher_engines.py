@@ -31,11 +31,14 @@ def _steps(tmp_path, name, *overrides, on_step=None) -> list[dict]:
 
 
 def _same_steps(engines: list[dict], learner: list[dict], steps=(1, 2, 3)) -> None:
-    """The full-vocabulary engine-scored run computes the learner-scored run's losses and gradients (fp32)."""
+    """The full-vocabulary engine-scored run computes the learner-scored run's losses and gradients (fp32): step 1 to
+    rounding; later steps to 1e-4, since Adam turns rounding-level differences of near-zero gradient entries into
+    updates of size lr (2e-2 here) on the same samples."""
     for s in steps:
         e, l = engines[s - 1], learner[s - 1]
-        assert e["loss"] == pytest.approx(l["loss"], rel=1e-5, abs=1e-6), s
-        assert e["grad_norm"] == pytest.approx(l["grad_norm"], rel=1e-4), s
+        rel = 1e-5 if s == 1 else 1e-4
+        assert e["loss"] == pytest.approx(l["loss"], rel=rel, abs=1e-6), s
+        assert e["grad_norm"] == pytest.approx(l["grad_norm"], rel=10 * rel), s
         assert e["kl"] > 0
 
 
@@ -64,9 +67,15 @@ def test_pool_only_where_the_rollout_engines_lack_the_teacher():
 
 # ---- end to end ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_live_teacher_on_the_rollout_engines_equals_the_learners(tmp_path, ray_session, tiny_model):
-    engines = _steps(tmp_path, "engines", "teacher.kind=live", "teacher.topk=-1", *ENGINES)
-    _same_steps(engines, _steps(tmp_path, "learner", "teacher.kind=live"))
+@pytest.mark.parametrize("kind, layout", [
+    ("live", []),  # scored by the rollout engine that sampled, in the same call
+    # a teacher engine of its own (0.5 CPU each for the two engines' bundles); async: the frozen teacher is the same
+    # whatever the staleness, so the runs still agree step by step
+    ("frozen", ["ray.rollout_cpus=0.5", "async.max_staleness=1"]),
+])
+def test_full_vocabulary_on_the_engines_equals_the_learners_teacher(tmp_path, ray_session, tiny_model, kind, layout):
+    engines = _steps(tmp_path, "engines", f"teacher.kind={kind}", "teacher.topk=-1", *ENGINES, *layout)
+    _same_steps(engines, _steps(tmp_path, "learner", f"teacher.kind={kind}", *layout))
     for r in engines:
         assert r["teacher"]["topk_mass"] == pytest.approx(1.0, abs=1e-5)  # the full vocabulary
         assert r["teacher"]["logprob_gap"] < 1e-4 and r["teacher"]["seconds"] > 0
