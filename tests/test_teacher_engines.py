@@ -11,6 +11,9 @@ from pipeline.errors import ConfigError
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
 ENGINES = ("teacher.placement=engines", "teacher.check_every=1")
+# teacher/logprob_gap when the engine and the learner hold the same teacher: ~1e-6 in fp32 (rounding), with headroom;
+# one EMA update apart (alpha 0.5) it is ~0.8
+SAME = 1e-3
 
 
 # a high lr and EMA rate: the student and the EMA teacher move visibly in 3 steps
@@ -30,16 +33,15 @@ def _steps(tmp_path, name, *overrides, on_step=None) -> list[dict]:
     return [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()][1:]
 
 
-def _same_steps(engines: list[dict], learner: list[dict], steps=(1, 2, 3)) -> None:
-    """The full-vocabulary engine-scored run computes the learner-scored run's losses and gradients (fp32): step 1 to
-    rounding; later steps to 1e-4, since Adam turns rounding-level differences of near-zero gradient entries into
-    updates of size lr (2e-2 here) on the same samples."""
-    for s in steps:
-        e, l = engines[s - 1], learner[s - 1]
-        rel = 1e-5 if s == 1 else 1e-4
-        assert e["loss"] == pytest.approx(l["loss"], rel=rel, abs=1e-6), s
-        assert e["grad_norm"] == pytest.approx(l["grad_norm"], rel=10 * rel), s
-        assert e["kl"] > 0
+def _same_first_step(engines: list[dict], learner: list[dict]) -> None:
+    """Step 1 — the same completions of the same base weights on both sides — has the learner-scored loss and gradient
+    norm when the engines score the full vocabulary (fp32; vLLM's CPU kernels and torch's round differently, up to 4e-5
+    of the loss seen; a wrong teacher is far outside: one EMA update stale or top-20 moves it by more than 1e-2).
+    Later steps are not compared: Adam at lr 2e-2 turns rounding-level gradient differences into different samples.
+    There the engine's teacher is checked against the learner's own on the actual samples (teacher/logprob_gap)."""
+    e, l = engines[0], learner[0]
+    assert e["loss"] == pytest.approx(l["loss"], rel=1e-4) and e["kl"] > 0
+    assert e["grad_norm"] == pytest.approx(l["grad_norm"], rel=1e-3)
 
 
 # ---- configuration --------------------------------------------------------------------------------------------
@@ -75,10 +77,10 @@ def test_pool_only_where_the_rollout_engines_lack_the_teacher():
 ])
 def test_full_vocabulary_on_the_engines_equals_the_learners_teacher(tmp_path, ray_session, tiny_model, kind, layout):
     engines = _steps(tmp_path, "engines", f"teacher.kind={kind}", "teacher.topk=-1", *ENGINES, *layout)
-    _same_steps(engines, _steps(tmp_path, "learner", f"teacher.kind={kind}", *layout))
+    _same_first_step(engines, _steps(tmp_path, "learner", f"teacher.kind={kind}", *layout))
     for r in engines:
         assert r["teacher"]["topk_mass"] == pytest.approx(1.0, abs=1e-5)  # the full vocabulary
-        assert r["teacher"]["logprob_gap"] < 1e-4 and r["teacher"]["seconds"] > 0
+        assert r["teacher"]["logprob_gap"] < SAME and r["teacher"]["seconds"] > 0
         assert r["pad_fraction"] >= 0 and "teacher" not in r["timing_s"]
 
 
@@ -90,9 +92,9 @@ def test_ema_teacher_pool_moves_with_phi_every_sync(tmp_path, ray_session, tiny_
     engines = _steps(tmp_path, "engines", "teacher.kind=ema", "teacher.topk=-1", "teacher.sync_every=2",
                      "ray.rollout_cpus=0.5", *ENGINES)
     learner = _steps(tmp_path, "learner", "teacher.kind=ema")
-    _same_steps(engines, learner, steps=(1,))
+    _same_first_step(engines, learner)
     gaps = [r["teacher"]["logprob_gap"] for r in engines]
-    assert gaps[0] < 1e-4 and gaps[2] < 1e-4 and gaps[1] > 1e-3, gaps
+    assert gaps[0] < SAME and gaps[2] < SAME and gaps[1] > 10 * SAME, gaps  # stale: 0.79 seen
     assert engines[1]["loss"] != pytest.approx(learner[1]["loss"], rel=1e-4)
 
 
@@ -100,8 +102,8 @@ def test_ema_teacher_pool_moves_with_phi_every_sync(tmp_path, ray_session, tiny_
 def test_lora_ema_adapter_on_the_engines_equals_the_learners(tmp_path, ray_session, tiny_model):
     """LoRA: the EMA adapter travels with the student's, served as a second adapter on the rollout engines."""
     engines = _steps(tmp_path, "engines", "teacher.kind=ema", "model.lora.r=8", "teacher.topk=-1", *ENGINES)
-    _same_steps(engines, _steps(tmp_path, "learner", "teacher.kind=ema", "model.lora.r=8"))
-    assert all(r["teacher"]["logprob_gap"] < 1e-4 for r in engines)
+    _same_first_step(engines, _steps(tmp_path, "learner", "teacher.kind=ema", "model.lora.r=8"))
+    assert all(r["teacher"]["logprob_gap"] < SAME for r in engines)
 
 
 @pytest.mark.slow
@@ -111,7 +113,7 @@ def test_lora_frozen_top_k_async(tmp_path, ray_session, tiny_model):
     engines = _steps(tmp_path, "engines", "teacher.kind=frozen", "model.lora.r=8", "teacher.topk=5",
                      "async.max_staleness=1", *ENGINES)
     for r in engines:
-        assert r["teacher"]["logprob_gap"] < 1e-4
+        assert r["teacher"]["logprob_gap"] < SAME
         assert 0 < r["teacher"]["topk_mass"] < 1 and r["kl"] > 0 and r["loss"] == r["loss"]
     assert max(r["rollout"]["staleness_max"] for r in engines) == 1
 
@@ -135,7 +137,7 @@ def test_pool_with_two_zero3_ranks_and_two_engines_resumes_exactly(tmp_path, ray
               "rollout.num_engines=2", "ray.learner_cpus=0.5", "ray.rollout_cpus=0.25"]
     straight = _steps(tmp_path, "straight", *layout, "checkpoint.every=2", "checkpoint.keep_last=3",
                       on_step=kill_teacher_engine)
-    assert all(r["teacher"]["logprob_gap"] < 1e-4 for r in straight)
+    assert all(r["teacher"]["logprob_gap"] < SAME for r in straight)
     assert straight[-1]["rollout"]["engine_restarts"] >= 1
 
     resumed = tmp_path / "resumed"
@@ -146,4 +148,4 @@ def test_pool_with_two_zero3_ranks_and_two_engines_resumes_exactly(tmp_path, ray
     got = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in got] == [0, 1, 2, 3]
     assert got[3]["loss"] == pytest.approx(straight[2]["loss"], rel=1e-6, abs=1e-9)
-    assert got[3]["teacher"]["logprob_gap"] < 1e-4
+    assert got[3]["teacher"]["logprob_gap"] < SAME
