@@ -61,7 +61,7 @@ class RolloutEngine:
             kwargs["enable_sleep_mode"] = sleep_mode  # colocated: free the GPU while the learner trains
         if cfg.teacher_on_engines:  # teacher scoring: prompt log-probs of the teacher's top-k (-1: the vocabulary)
             kwargs["max_logprobs"] = cfg.teacher.topk
-        if cfg.model.lora.enabled and cfg.teacher_on_engines and not on_gpu:
+        if cfg.model.lora.enabled and not on_gpu:  # prompt log-probs: teacher scoring, eval.lm_eval
             from .vllm_fixes import patch_lora_prompt_logprobs
 
             patch_lora_prompt_logprobs()
@@ -83,17 +83,19 @@ class RolloutEngine:
         self.receiver = None  # this engine's end of the weight sync (open_weight_sync)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-                 seeds: list[int] | None = None, teacher_contexts: list[list[int]] | None = None) -> list[Completion]:
+                 seeds: list[int] | None = None, teacher_contexts: list[list[int]] | None = None,
+                 stop: list[str] | None = None) -> list[Completion]:
         """Sample one completion per prompt; temperature 0 is greedy. Returns token ids, per-token sampling
         logprobs (of the raw model distribution), the weight version that produced them and the call's duration.
         With `teacher_contexts` (teacher.placement=engines, a teacher this engine holds) the completions are scored
-        under the teacher at once, on the weights that sampled them (`score`)."""
+        under the teacher at once, on the weights that sampled them (`score`). `stop`: strings that end a completion
+        (lm-evaluation-harness's `until`)."""
         from vllm import SamplingParams
 
         def params(i):
             return SamplingParams(
                 max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=0,
-                seed=None if seeds is None else seeds[i],
+                seed=None if seeds is None else seeds[i], stop=stop or None,
             )
 
         t0 = time.perf_counter()
@@ -134,6 +136,21 @@ class RolloutEngine:
         seconds = time.perf_counter() - t0
         return [_topk_of(out.prompt_logprobs, len(ctx), len(c.token_ids), self.weight_version, seconds)
                 for out, ctx, c in zip(outs, contexts, completions)]
+
+    def loglikelihood(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """lm-evaluation-harness's scoring on this engine's student: for each (context, continuation) of token ids, the
+        continuation's summed log-prob and whether greedy decoding would produce it, from one prefill with prompt
+        log-probs (the token's own entry and the top-1)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, flat_logprobs=True, detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": ctx + cont} for ctx, cont in pairs], params, use_tqdm=False,
+                                 lora_request=self.lora_request)
+        results = []
+        for out, (ctx, cont) in zip(outs, pairs):
+            top = _topk_of(out.prompt_logprobs, len(ctx), len(cont), self.weight_version, 0.0)
+            results.append((float(top.sampled.sum()), bool((top.ids[:, 0] == cont).all())))
+        return results
 
     def _teacher_lora(self):
         if not self.cfg.model.lora.enabled:

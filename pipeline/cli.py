@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
                        description="Generate greedily on the eval prompts (no demonstrations) and score them.")
     e.add_argument("checkpoint", help="a step_* folder written by `sdft train` (or any HF model folder)")
     e.add_argument("config", nargs="?", help="YAML config (default: the checkpoint's own config.yaml)")
+    e.add_argument("--lm-eval", metavar="TASKS",
+                   help="also run lm-evaluation-harness tasks on it through vLLM: comma-separated task names (each "
+                        "optionally TASK:METRIC), the preset 'paper', or a folder of your own task YAMLs (all of them)")
+    e.add_argument("--limit", type=float, help="with --lm-eval: examples per task (a count, or a fraction below 1)")
+    e.add_argument("--output", help="with --lm-eval: the results JSON (default: RUN/lm_eval/<checkpoint>.json for a "
+                                    "checkpoint of `sdft train`, ./lm_eval/<folder>.json otherwise)")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     c = sub.add_parser("compare", help="base vs SFT vs SDFT from the same base: table, results.json, plot",
                        description="Train every method of --methods from the same config (only train.mode "
@@ -61,6 +67,16 @@ def _parser() -> argparse.ArgumentParser:
                                    "checkpoint's adapter is merged into its base.")
     x.add_argument("checkpoint", help="a step_* folder written by `sdft train`")
     x.add_argument("--merge", metavar="OUT", required=True, help="output folder of the merged model")
+    d = sub.add_parser("data", help="data tools: convert the SDFT paper's released data to sdft rows")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("convert", help="the official release's tool-use or science data -> JSONL rows",
+                         description="Convert the official SDFT release's data (datasets save_to_disk folders, or the "
+                                     "folder holding train_data/ and eval_data/) to rows of prompt (chat messages), "
+                                     "demonstration and answer, as its training and eval code take them.")
+    dc.add_argument("source", help="a split folder, a JSON/JSONL file, or the release folder with train_data/, eval_data/")
+    dc.add_argument("--from", dest="kind", required=True, choices=("official-tooluse", "official-science"))
+    dc.add_argument("--output", required=True,
+                    help="OUT.jsonl for one split; a folder (train.jsonl, eval.jsonl) for the release folder")
     sub.add_parser("config", help="print the config reference: every key, its type, default and meaning",
                    description="The reference generated from the typed config (the same text as docs/config.md).")
     return p
@@ -115,9 +131,19 @@ def _eval(args) -> dict:
     from .experiments.evaluation import evaluate
 
     ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt} is not a folder: give a step_* folder of `sdft train` or an HF model folder")
     if (ckpt / "trainer_state.json").exists():  # a checkpoint of `sdft train`: check it matches its manifest
         verify(ckpt)
-    cfg, model_dir = _eval_config(ckpt, *_split_config_arg(args.config, args.overrides))
+    config, overrides = _split_config_arg(args.config, args.overrides)
+    if args.limit is not None and not args.lm_eval:
+        raise ConfigError("--limit applies to --lm-eval: add --lm-eval TASKS")
+    cfg, model_dir = _eval_config(ckpt, config, [*overrides, *_lm_eval_overrides(args)])
+    suite = None
+    if cfg.eval.lm_eval.tasks:
+        from .experiments.harness import prepare_suite
+
+        suite = prepare_suite(cfg.eval.lm_eval)  # before Ray: a bad task name or an offline hub dataset stops here
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     _, eval_set = load_splits(cfg, tokenizer)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
@@ -126,10 +152,54 @@ def _eval(args) -> dict:
     ).remote(str(model_dir), cfg, log_dir=str(_eval_log_dir(ckpt)))
     try:
         result = evaluate([engine], eval_set, tokenizer, cfg)
+        if suite is not None:
+            from .experiments.harness import run_suite, write_results
+
+            scores = run_suite([engine], tokenizer, suite, cfg)
+            path = write_results(scores, _lm_eval_output(ckpt, args.output), {"checkpoint": str(ckpt)})
+            result["lm_eval"] = {**{k: v for k, v in scores.items() if k != "full"}, "results_file": str(path)}
     finally:
         ray.kill(engine)
     print(json.dumps({"checkpoint": str(ckpt), **result}, indent=1))
     return result
+
+
+def _lm_eval_overrides(args) -> list[str]:
+    """--lm-eval TASKS (names, a preset, or a folder of task YAMLs: all of them) and --limit as config keys."""
+    if not args.lm_eval:
+        if args.output:
+            raise ConfigError("--output applies to --lm-eval: add --lm-eval TASKS")
+        return []
+    folder = Path(args.lm_eval)
+    if folder.is_dir():
+        names = sorted({_task_name(p) for p in folder.rglob("*.yaml")} - {None})
+        if not names:
+            raise ConfigError(f"--lm-eval {folder}: no task YAML (a file with a `task:` key) in that folder")
+        tasks = [f"eval.lm_eval.include_path={folder}", f"eval.lm_eval.tasks={json.dumps(names)}"]
+    else:
+        tasks = [f"eval.lm_eval.tasks={json.dumps([t.strip() for t in args.lm_eval.split(',') if t.strip()])}"]
+    return [*tasks, *([f"eval.lm_eval.limit={args.limit}"] if args.limit is not None else [])]
+
+
+def _task_name(path: Path) -> str | None:
+    import yaml
+
+    try:  # the harness's YAMLs may use its own tags (!function): read the `task:` line only
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("task:"):
+                name = yaml.safe_load(line.partition(":")[2])
+                return name if isinstance(name, str) else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return None
+
+
+def _lm_eval_output(ckpt: Path, output: str | None) -> Path:
+    if output:
+        return Path(output)
+    if (ckpt / "trainer_state.json").exists():
+        return ckpt.resolve().parent / "lm_eval" / f"{ckpt.name}.json"
+    return Path("lm_eval") / f"{ckpt.resolve().name}.json"
 
 
 def _eval_config(ckpt: Path, config: str | None, overrides: list[str]):
@@ -174,6 +244,14 @@ def _compare(args) -> dict:
             raise ConfigError(str(e)) from None
         return run_sequential(config, overrides, Path(args.output), methods, stages, args.overwrite)
     return run_compare(config, overrides, Path(args.output), methods, args.overwrite)
+
+
+def _data(args) -> dict:
+    from .convert import convert
+
+    result = convert(args.kind, Path(args.source), Path(args.output))
+    print(json.dumps(result, indent=1))
+    return result
 
 
 def _export(args) -> dict:
@@ -251,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     console.current_log = None
     try:
-        {"train": _train, "eval": _eval, "compare": _compare, "export": _export, "config": _config}[args.command](args)
+        {"train": _train, "eval": _eval, "compare": _compare, "export": _export, "data": _data,
+         "config": _config}[args.command](args)
     except SdftError as e:  # foreseen: one line, its prefix and exit code from the class (pipeline/errors.py)
         print(f"{e.prefix}: {e}", file=sys.stderr)
         return e.exit_code

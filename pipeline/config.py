@@ -121,6 +121,14 @@ class DataConfig(_Section):
         "(default: the official SDFT template, byte for byte)",
     )
     shuffle: bool = Field(True, description="shuffle training rows each epoch (seeded by train.seed)")
+    chat_template_kwargs: dict[str, object] = Field(
+        default_factory=dict,
+        description="extra arguments of the tokenizer's chat template for the student and teacher contexts, eval and "
+        "eval.lm_eval (e.g. {enable_thinking: false} for Qwen3)",
+    )
+    strip_thinking: bool = Field(
+        False, description="drop <think>…</think> blocks from demonstrations (a thinking model's traces as demos)"
+    )
 
 
 class RolloutConfig(_Section):
@@ -270,13 +278,48 @@ class TrainConfig(_Section):
         return self
 
 
+PAPER_SUITE = "paper"  # eval.lm_eval.tasks preset: the SDFT paper's six prior-capability benchmarks
+
+
+class LmEvalConfig(_Section):
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks run on the student through the vLLM engines: harness task or group "
+        f"names, each optionally TASK:METRIC (the headline metric key), or the preset `{PAPER_SUITE}` (HellaSwag, MMLU, "
+        "TruthfulQA mc1, Winogrande, HumanEval, IFEval with the paper's metric keys); empty: off",
+    )
+    include_path: str | None = Field(
+        None, description="a folder of task YAMLs of your own, searched before the harness's tasks"
+    )
+    limit: float | None = Field(
+        None, gt=0, description="examples per task: a count (>= 1) or a fraction (< 1); None: all"
+    )
+    every: int = Field(0, ge=0, description="steps between suite runs; 0: at the end of training only")
+    before: bool = Field(True, description="also run it on the base weights before step 1 (the base row)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples; None: each task's own default")
+    apply_chat_template: bool = Field(
+        False, description="format the harness's prompts with the model's chat template (data.chat_template_kwargs)"
+    )
+    allow_code_execution: bool = Field(
+        False, description="let tasks run the model's code (HumanEval); off unless you trust the sandbox"
+    )
+
+    @field_validator("limit")
+    @classmethod
+    def _whole_count(cls, v):
+        if v is not None and v >= 1 and v != int(v):
+            raise ValueError("a count of examples (>= 1) must be whole; a fraction must be below 1")
+        return v
+
+
 class EvalConfig(_Section):
     every: int = Field(0, ge=0, description="steps between evals; 0: only before and after training")
     max_new_tokens: int | None = Field(
         None, gt=0, description="greedy completion length at eval; None: rollout.max_new_tokens"
     )
     metric: str = Field(
-        "exact_match", description='exact_match | regex | contains | a callable "package.module:function"'
+        "exact_match", description='exact_match | regex | contains | tooluse | science (the official SDFT eval rules) | a '
+        'callable "package.module:function"'
     )
     regex: str | None = Field(
         None, description="with metric=regex: group 1 (or the match) is compared to the reference"
@@ -298,6 +341,9 @@ class EvalConfig(_Section):
         "match (prior_exact)",
     )
     size: int | None = Field(None, gt=0, description="cap on examples per named set")
+    lm_eval: LmEvalConfig = Field(
+        LmEvalConfig(), description="the prior-capability suite through lm-evaluation-harness (`lm_eval/*`)"
+    )
 
     @model_validator(mode="after")
     def _prior_in_sets(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .config import DEFAULT_CONFIG, Config, DataConfig
 from .errors import DataError
 
 PROJECT_ROOT = DEFAULT_CONFIG.parent.parent
+THINKING = re.compile(r"<think>.*?</think>\s*", re.DOTALL)  # data.strip_thinking: a reasoning model's trace
 
 
 @dataclass
@@ -125,6 +127,8 @@ def load_examples(source: str, cfg: DataConfig) -> list[Example]:
         demo = row[cfg.demonstration_field]
         if not isinstance(demo, str):
             raise DataError(f"{where}: field {cfg.demonstration_field!r} must be a string")
+        if cfg.strip_thinking:
+            demo = THINKING.sub("", demo)
         answer = row.get(cfg.answer_field) if cfg.answer_field else None
         out.append(Example(row[cfg.prompt_field], demo, str(answer) if answer is not None else demo, where))
     return out
@@ -142,10 +146,12 @@ def teacher_messages(prompt: str | list[dict], demonstration: str, template: str
     return messages
 
 
-def encode_context(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a generation prompt; plain concatenation when the tokenizer has no chat template."""
+def encode_context(tokenizer, messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of a generation prompt; plain concatenation when the tokenizer has no chat template.
+    `template_kwargs`: data.chat_template_kwargs (e.g. enable_thinking), passed to the chat template."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **(template_kwargs or {}))
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
 
@@ -155,8 +161,10 @@ def tokenize_examples(examples: list[Example], tokenizer, cfg: Config) -> None:
     limit = cfg.model.max_model_len
     budget = limit - cfg.rollout.max_new_tokens
     for ex in examples:
-        ex.student_ids = encode_context(tokenizer, as_messages(ex.prompt))
-        ex.teacher_ids = encode_context(tokenizer, teacher_messages(ex.prompt, ex.demonstration, cfg.data.teacher_template))
+        kwargs = cfg.data.chat_template_kwargs
+        ex.student_ids = encode_context(tokenizer, as_messages(ex.prompt), kwargs)
+        ex.teacher_ids = encode_context(tokenizer, teacher_messages(ex.prompt, ex.demonstration, cfg.data.teacher_template),
+                                        kwargs)
         ex.demo_ids = tokenizer(ex.demonstration, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         for name, ids in (("prompt", ex.student_ids), ("teacher context (prompt + demonstration)", ex.teacher_ids)):
             if len(ids) > budget:

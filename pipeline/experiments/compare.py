@@ -3,7 +3,9 @@ a plot of new-skill accuracy against prior-skill retention over training.
 
 Each method is an ordinary `sdft train` run (same config, same data, same eval; only `train.mode` differs) in
 OUTPUT/<method>/. The base row is the step-0 eval (identical for every method); the teacher row is the
-base model *with* the demonstration in context on the held-out new-skill prompts (eval.teacher).
+base model *with* the demonstration in context on the held-out new-skill prompts (eval.teacher). With eval.lm_eval a
+second table has the paper's layout (Table 5): per method the new-task score, every prior benchmark of the harness
+suite and their average; the base row comes from the first method's step-0 suite run.
 
 Sequential mode (`--sequential name=TRAIN,EVAL ...`): the stages train one after another, each starting from
 the previous stage's final weights; after each stage every stage's held-out set and the prior skills are
@@ -61,17 +63,18 @@ def run_compare(config: str | None, overrides: list[str], output: Path, methods:
 
     output.mkdir(parents=True, exist_ok=True)
     results: dict = {"methods": methods, "history": {}}
-    for method in methods:
-        cfg = _method_cfg(config, overrides, output, method)
+    for i, method in enumerate(methods):
+        # the prior suite on the base weights is the same for every method: run it once, with the first
+        cfg = _method_cfg(config, [*overrides, *([] if i == 0 else ["eval.lm_eval.before=false"])], output, method)
         summary = train(cfg, overwrite=overwrite)
         before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
         if "base" not in results:
-            results["base"] = _row(before, cfg)
+            results["base"] = {**_row(before, cfg), **_suite(summary.get("lm_eval_before"))}
             results["teacher"] = {"new_acc": before.get("teacher_accuracy"),
                                   "new_exact": before.get("teacher_exact_match")}
             results["config"] = cfg.model_dump()
         results[method] = {**_row(after, cfg), "steps": summary["steps"],
-                           "teacher_after": after.get("teacher_accuracy")}
+                           "teacher_after": after.get("teacher_accuracy"), **_suite(summary.get("lm_eval_after"))}
         results["history"][method] = read_history(Path(cfg.output_dir), cfg)
         results.setdefault("monitor", {})[method] = read_monitor(Path(cfg.output_dir))
         if summary.get("checkpoint"):
@@ -81,7 +84,16 @@ def run_compare(config: str | None, overrides: list[str], output: Path, methods:
     (output / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, output / "compare.png")
     print_table(results, str(output))
+    if results["base"].get("prior_suite") is not None:
+        print_paper_table(results)
     return results
+
+
+def _suite(scores: dict | None) -> dict:
+    """The prior-capability suite (eval.lm_eval) of one row: each benchmark's headline and their average."""
+    if not scores:
+        return {}
+    return {"prior_suite": {k: v for k, v in scores.items() if k != "average"}, "prior_average": scores.get("average")}
 
 
 def _fmt(v) -> str:
@@ -119,6 +131,24 @@ def print_table(results: dict, title: str) -> None:
           "the demonstration\nin context; KL to base: mean per-token KL(base || model) on prior-skill prompts, nats.")
 
 
+def print_paper_table(results: dict) -> None:
+    """The paper's Table 5 layout: per method the new-task score, each prior benchmark and their average (%)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = [("base", results["base"])] + [(m.upper(), results[m]) for m in results["methods"]]
+    tasks = list(results["base"].get("prior_suite") or {})
+    t = Table(title="new task and prior capabilities (lm-evaluation-harness), %")
+    for col in ("method", "new task", *tasks, "prior avg"):
+        t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for name, r in rows:
+        suite = r.get("prior_suite") or {}
+        t.add_row(name, _fmt(r.get("new_acc")), *[_fmt(suite.get(k)) for k in tasks], _fmt(r.get("prior_average")))
+    Console(width=max(Console().width, 130)).print(t)
+    print("new task: eval.metric on the held-out prompts, greedy, no demonstration; prior benchmarks: each task's "
+          "headline metric (eval.lm_eval.tasks); prior avg: their mean over the metrics where higher is better.")
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -126,7 +156,9 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     monitor = {m: rows for m, rows in results.get("monitor", {}).items() if rows}
-    fig, (a, b, *c) = plt.subplots(1, 3 if monitor else 2, figsize=(16.5 if monitor else 11, 4.2))
+    suite = results["base"].get("prior_average") is not None
+    panels = 2 + bool(monitor) + suite
+    fig, (a, b, *c) = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
     colors = {"sdft": "tab:blue", "sft": "tab:red", "dft": "tab:green"}
     for m in results["methods"]:
         h = results["history"][m]
@@ -159,6 +191,17 @@ def plot(results: dict, path: Path) -> None:
         c[0].grid(alpha=0.3)
         c[0].legend(fontsize=8)
         c[0].set_title("KL to base on general prompts (monitor)")
+    if suite:  # the paper's trade-off: new-task score against the prior-capability average
+        d = c[-1]
+        for name, r, style in [("base", results["base"], "k*")] + [(m.upper(), results[m], "o")
+                                                                   for m in results["methods"]]:
+            d.plot([r.get("new_acc") or 0], [r.get("prior_average") or 0], style, ms=10,
+                   color=colors.get(name.lower()), label=name)
+        d.set_xlabel("new task (eval.metric)")
+        d.set_ylabel("prior benchmarks, average (lm_eval)")
+        d.grid(alpha=0.3)
+        d.legend(fontsize=8)
+        d.set_title("new task vs prior capabilities")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -12,13 +12,17 @@ from actors.rollout import generate_sharded
 from ..data import Example
 from ..errors import EvalError
 from ..models import first_line
+from .task_metrics import TASK_METRICS
 
 
-BUILTIN_METRICS = ("exact_match", "contains", "regex")
+BUILTIN_METRICS = ("exact_match", "contains", "regex", *TASK_METRICS)
 
 
 def make_scorer(metric: str, pattern: str | None = None) -> Callable[[str, Example], float]:
-    """exact_match | contains | regex | "package.module:function" (called as fn(completion, example) -> float)."""
+    """exact_match | contains | regex | tooluse | science | "package.module:function" (called as fn(completion,
+    example) -> float). tooluse and science are the official SDFT eval scripts' rules (task_metrics.py)."""
+    if metric in TASK_METRICS:
+        return TASK_METRICS[metric]
     if metric == "exact_match":
         return lambda text, ex: float(text.strip() == ex.answer.strip())
     if metric == "contains":
@@ -48,7 +52,7 @@ def make_scorer(metric: str, pattern: str | None = None) -> Callable[[str, Examp
         return fn
     close = difflib.get_close_matches(metric, BUILTIN_METRICS, n=1)
     raise EvalError(f"eval.metric={metric!r} is not a metric" + (f" (did you mean {close[0]}?)" if close else "")
-                    + "; use exact_match, contains, regex or 'package.module:function'")
+                    + f"; use {', '.join(BUILTIN_METRICS)} or 'package.module:function'")
 
 
 def check_metric(cfg) -> None:

@@ -23,7 +23,7 @@ import yaml
 from ..errors import CheckpointError, CheckpointWriteFailed, OutputError
 
 PREFIX = "step_"
-RUN_FILES = ("metrics.jsonl", "logs", "wandb")  # what a run writes besides its checkpoints
+RUN_FILES = ("metrics.jsonl", "logs", "wandb", "lm_eval")  # what a run writes besides its checkpoints
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
 # Config keys a resumed run may change (a key, or a section and everything under it): how long it runs, what it

@@ -145,10 +145,11 @@ def _train(cfg: Config, resume: bool | str, on_step: Callable[[int, Actors], Non
         checkpoint.check_config(ckpt, cfg, allow_config_change)
     model_path = resolve_model(cfg.model.path, cfg.train.seed)
     check_metric(cfg)
+    suite = _lm_eval_suite(cfg)
     state = checkpoint.trainer_state(ckpt) if ckpt else {"step": 0}
     actors, log_file, inputs = _start(cfg, model_path, state["step"], out.resolve() / "logs")
     try:
-        run = Run(cfg, actors, out, inputs, t_start)
+        run = Run(cfg, actors, out, inputs, t_start, suite)
         run.begin(ckpt, state)
         bar = tqdm(range(state["step"], run.steps), initial=state["step"], total=run.steps, desc=cfg.train.mode,
                    disable=not cfg.logging.progress, dynamic_ncols=True)
@@ -173,11 +174,21 @@ def _train(cfg: Config, resume: bool | str, on_step: Callable[[int, Actors], Non
         logging.getLogger().removeHandler(log_file)
 
 
+def _lm_eval_suite(cfg: Config):
+    """eval.lm_eval's tasks, resolved and their datasets loaded before Ray starts; None when it is off."""
+    if not cfg.eval.lm_eval.tasks:
+        return None
+    from ..experiments.harness import prepare_suite
+
+    return prepare_suite(cfg.eval.lm_eval)
+
+
 class Run:
     """The stages of one training run over its actors; `_train` calls them in order, once per step."""
 
-    def __init__(self, cfg: Config, actors: Actors, out: Path, inputs: tuple, t_start: float):
+    def __init__(self, cfg: Config, actors: Actors, out: Path, inputs: tuple, t_start: float, suite=None):
         self.cfg, self.actors, self.out, self.t_start = cfg, actors, out, t_start
+        self.suite = suite  # eval.lm_eval: the prior-capability suite (experiments/harness.py)
         self.tokenizer, self.train_set, self.eval_set, self.named_sets, self.monitor = inputs
         self.steps = total_steps(cfg, len(self.train_set))
         self.rollouts = Rollouts(actors, cfg, self.batch, self.steps)
@@ -215,6 +226,8 @@ class Run:
         if state["step"] == 0:
             if self.eval_set or self.named_sets:
                 start["eval"] = self.summary["eval_before"] = self._eval()
+            if self.suite is not None and cfg.eval.lm_eval.before:
+                start["lm_eval"] = self.summary["lm_eval_before"] = self._lm_eval(0)
             if self.monitor is not None:
                 start["monitor"] = self.monitor.measure()
             if gate.applies(cfg):
@@ -302,19 +315,33 @@ class Run:
         record["idle"] = idle_ratios(record, len(self.actors.engines))
 
     def evaluate(self, done: int, record: dict) -> None:
-        """Eval every eval.every steps and at the end; the forgetting monitor when it is due. Both score the student
-        (dft: the engines hold its weights meanwhile)."""
+        """Eval every eval.every steps and at the end; the lm-evaluation-harness suite every eval.lm_eval.every steps and
+        at the end; the forgetting monitor when it is due. All score the student (dft: the engines hold its weights
+        meanwhile)."""
         due_eval = (self.cfg.eval.every and done % self.cfg.eval.every == 0) or done == self.steps
+        every_lm = self.cfg.eval.lm_eval.every
+        due_lm = self.suite is not None and ((every_lm and done % every_lm == 0) or done == self.steps)
         due_monitor = self.monitor is not None and self.monitor.due(done, self.steps)
-        if due_eval or due_monitor:
+        if due_eval or due_lm or due_monitor:
             with self.rollouts.student_weights(version=done):
                 if due_eval:
                     record["eval"] = self.summary["eval_after"] = self._eval()
+                if due_lm:
+                    record["lm_eval"] = self.summary["lm_eval_after"] = self._lm_eval(done)
                 if due_monitor:
                     record["monitor"] = self.monitor.measure()
 
     def _eval(self) -> dict:
         return evaluate_all(self.actors.engines, self.eval_set, self.named_sets, self.tokenizer, self.cfg)
+
+    def _lm_eval(self, step: int) -> dict:
+        """The harness on the engines' current weights; the headline per task and their average go to metrics.jsonl
+        and wandb (lm_eval/*), the harness's full results to OUTPUT/lm_eval/step_N.json."""
+        from ..experiments.harness import run_suite, write_results
+
+        result = run_suite(self.actors.engines, self.tokenizer, self.suite, self.cfg)
+        write_results(result, self.out / "lm_eval" / f"step_{step:06d}.json", {"step": step})
+        return {k: v for k, v in result.items() if k != "full"}
 
     def log(self, done: int, record: dict, bar) -> None:
         self.logger.log(done, record)
