@@ -193,10 +193,10 @@ def plot(results: dict, path: Path) -> None:
         c[0].set_title("KL to base on general prompts (monitor)")
     if suite:  # the paper's trade-off: new-task score against the prior-capability average
         d = c[-1]
-        for name, r, style in [("base", results["base"], "k*")] + [(m.upper(), results[m], "o")
-                                                                   for m in results["methods"]]:
-            d.plot([r.get("new_acc") or 0], [r.get("prior_average") or 0], style, ms=10,
-                   color=colors.get(name.lower()), label=name)
+        d.plot([results["base"].get("new_acc") or 0], [results["base"]["prior_average"]], "k*", ms=12, label="base")
+        for m in results["methods"]:
+            d.plot([results[m].get("new_acc") or 0], [results[m].get("prior_average") or 0], "o", ms=9,
+                   color=colors.get(m), label=m.upper())
         d.set_xlabel("new task (eval.metric)")
         d.set_ylabel("prior benchmarks, average (lm_eval)")
         d.grid(alpha=0.3)
