@@ -25,9 +25,15 @@ SCI_EVAL = Features({"prompt": MESSAGES, "answer": S})
 
 
 def tool_row(name: str, instruction: str, calls: list[tuple[str, str]], response: list[str] | None) -> dict:
-    row = {"prompt": f"Answer the following questions as best you can. You have access to the {name} API.\n"
-                     f"Use the format:\nThought: ...\nAction: ...\nAction Input: ...\n\nQuestion: {instruction}",
-           "name": name, "description": f"The {name} API.", "nl_documentation": f"{name} endpoints ...",
+    description, documentation = f"The {name} API.", f"{name} endpoints ..."
+    # the release's prompt, as its rows hold it
+    row = {"prompt": "Your task is to answer the user's question using available tools. \nYou have access to the "
+                     f"following tools:\nName: {name}\nDescription: {description}\nDocumentation:\n{documentation}\n"
+                     "Use the following format:\nThought: you should always think about what to do\nAction: the action "
+                     "to take, should be one of the tool names.\nAction Input: the input to the action, must be in "
+                     "JSON format. All of the action input must be realistic and from the user.\n\nBegin!\n"
+                     f"Question: {instruction}",
+           "name": name, "description": description, "nl_documentation": documentation,
            "instruction": instruction, "golden_answer": [{"Action": a, "Action_Input": i} for a, i in calls]}
     return row if response is None else {**row, "golden_response": response}
 
@@ -120,6 +126,28 @@ def test_release_folder_loads_and_scores(tmp_path):
     # The demonstrations (official and rendered) pass the official rule against their own answers.
     assert [tooluse(ex.demonstration, ex) for ex in train + evals] == [1.0, 1.0, 1.0]
     assert tooluse(train[0].demonstration, evals[0]) == 0.0
+
+
+@pytest.mark.parametrize("task", ["tooluse", "science"])
+def test_the_paper_recipes_read_the_converted_release(task, tmp_path, monkeypatch, capsys):
+    """`sdft data convert` as the recipe's comment says, then configs/qwen2.5-7b-<task>.yaml finds the files, its
+    eval.metric is the official rule (the eval demonstrations score 1) and its prior suite is the paper's."""
+    from pipeline.cli import main as cli_main
+    from pipeline.config import load_config
+    from pipeline.experiments.evaluation import make_scorer
+
+    train, evals = ((TOOL_TRAIN_ROWS, TOOL_TRAIN), (TOOL_EVAL_ROWS, TOOL_EVAL)) if task == "tooluse" else \
+        ((SCI_TRAIN_ROWS, SCI_TRAIN), (SCI_EVAL_ROWS, SCI_EVAL))
+    save(*train, tmp_path / "release" / "train_data")
+    save(*evals, tmp_path / "release" / "eval_data")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["data", "convert", "--from", f"official-{task}", "release", "--output", f"data/{task}"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"] == {"train": len(train[0]), "eval": len(evals[0])}
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / f"qwen2.5-7b-{task}.yaml")
+    assert len(load_examples(cfg.data.train, cfg.data)) == len(train[0])
+    scorer = make_scorer(cfg.eval.metric, cfg.eval.regex)
+    assert all(scorer(ex.demonstration, ex) == 1.0 for ex in load_examples(cfg.data.eval, cfg.data))
+    assert cfg.eval.metric == task and cfg.eval.lm_eval.tasks == ["paper"]
 
 
 def test_science_release_of_json_lists_loads(tmp_path):

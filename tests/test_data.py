@@ -44,6 +44,33 @@ def test_contexts_go_through_the_chat_template(tiny_model):
     assert tok.decode(ids) == "<|im_start|>user\n" + EXPECTED_TEACHER + "<|im_end|>\n<|im_start|>assistant\n"
 
 
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                     "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+                     "<think>\n\n</think>\n\n{% endif %}")  # Qwen3's switch, reduced to its effect
+
+
+def test_chat_template_kwargs_and_strip_thinking(tiny_model, tmp_path):
+    """data.chat_template_kwargs reaches the chat template of the student and teacher contexts (and the harness's
+    prompts, eval.lm_eval); data.strip_thinking drops a demonstration's <think> block."""
+    from transformers import AutoTokenizer
+
+    from pipeline.experiments.harness import EngineLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = THINKING_TEMPLATE
+    rows = _jsonl(tmp_path, [{"prompt": "What is 2+2?", "demonstration": "<think>\n2 and 2 make 4\n</think>\n\nIt is 4."}])
+    for kwargs, strip in (([], False), (["data.chat_template_kwargs={enable_thinking: false}",
+                                         "data.strip_thinking=true"], True)):
+        cfg = load_config(SMOKE, [f"data.train={rows}", *kwargs])
+        (ex,) = load_examples(str(rows), cfg.data)
+        tokenize_examples([ex], tok, cfg)
+        assert ex.demonstration == ("It is 4." if strip else "<think>\n2 and 2 make 4\n</think>\n\nIt is 4.")
+        for ids in (ex.student_ids, ex.teacher_ids):
+            assert tok.decode(ids).endswith("<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if strip else ""))
+        lm = EngineLM([], tok, 128, cfg.data.chat_template_kwargs)
+        assert lm.apply_chat_template([{"role": "user", "content": "hi"}]).endswith("</think>\n\n") == strip
+
+
 def _jsonl(tmp_path, rows, name="d.jsonl"):
     p = tmp_path / name
     p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
