@@ -90,10 +90,11 @@ def test_short_sdft_run_learns_the_new_skill(tmp_path, ray_session, capsys):
                      "train.lr_schedule=constant", "train.warmup_steps=5", "eval.every=0", "logging.progress=false",
                      "logging.wandb=false", "data.train=configs/data/toy/shift_train.jsonl",
                      "eval.lm_eval.tasks=[toy_reverse]", f"eval.lm_eval.include_path={_toy_reverse_task(tmp_path / 't')}",
-                     "eval.lm_eval.apply_chat_template=true"]) == 0
+                     "eval.lm_eval.apply_chat_template=true", "eval.lm_eval.every=50"]) == 0
     r = json.loads((out / "results.json").read_text())
     records = [json.loads(line) for line in (out / "sdft" / "metrics.jsonl").read_text().splitlines()]
-    suite_runs = [(rec["step"], rec["lm_eval"], rec["eval"]) for rec in records if "lm_eval" in rec]
+    assert [rec["step"] for rec in records if "lm_eval" in rec] == [0, 50, 100]  # before, every 50, at the end
+    suite_runs = [(rec["step"], rec["lm_eval"], rec["eval"]) for rec in records if "lm_eval" in rec and "eval" in rec]
     assert [step for step, _, _ in suite_runs] == [0, 100]
     for step, suite, ev in suite_runs:  # the harness and the built-in eval, on the same weights
         assert suite["toy_reverse"] == pytest.approx(ev["reverse.exact_match"]), step

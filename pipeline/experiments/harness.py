@@ -91,9 +91,13 @@ def prepare_suite(lm_cfg) -> Suite | None:
     return Suite(list(metrics), metrics, manager)
 
 
-def run_suite(engines: list, tokenizer, suite: Suite, cfg) -> dict:
+def run_suite(engines: list, tokenizer, suite: Suite, cfg, quiet: bool = False) -> dict:
     """The harness over every task of the suite on the engines' weights. Returns the headline number per task, their
-    average (`lm_eval/<task>`, `lm_eval/average`) and the harness's full results (`full`, for the JSON file)."""
+    average (`lm_eval/<task>`, `lm_eval/average`) and the harness's full results (`full`, for the JSON file).
+    `quiet`: without the harness's progress bars and task warnings (a training run's console has its own bar)."""
+    import contextlib
+    import io
+
     import lm_eval
 
     lm_cfg = cfg.eval.lm_eval
@@ -101,12 +105,15 @@ def run_suite(engines: list, tokenizer, suite: Suite, cfg) -> dict:
         os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # HF evaluate's code_eval asks for it
     model = EngineLM(engines, tokenizer, cfg.model.max_model_len, cfg.data.chat_template_kwargs)
     limit = None if lm_cfg.limit is None else (int(lm_cfg.limit) if lm_cfg.limit >= 1 else lm_cfg.limit)
-    out = lm_eval.simple_evaluate(
-        model=model, tasks=suite.tasks, task_manager=suite.manager, num_fewshot=lm_cfg.num_fewshot, limit=limit,
-        apply_chat_template=lm_cfg.apply_chat_template, confirm_run_unsafe_code=lm_cfg.allow_code_execution,
-        log_samples=False, random_seed=cfg.train.seed, numpy_random_seed=cfg.train.seed,
-        torch_random_seed=cfg.train.seed, fewshot_random_seed=cfg.train.seed,
-    )
+    seed = cfg.train.seed
+    logging.getLogger("lm_eval").setLevel(logging.ERROR if quiet else logging.WARNING)
+    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        out = lm_eval.simple_evaluate(
+            model=model, tasks=suite.tasks, task_manager=suite.manager, num_fewshot=lm_cfg.num_fewshot, limit=limit,
+            apply_chat_template=lm_cfg.apply_chat_template, confirm_run_unsafe_code=lm_cfg.allow_code_execution,
+            log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     scores, keys = {}, {}
     for task in suite.tasks:
         keys[task], scores[task] = headline(out["results"], task, suite.metrics[task])

@@ -339,7 +339,7 @@ class Run:
         and wandb (lm_eval/*), the harness's full results to OUTPUT/lm_eval/step_N.json."""
         from ..experiments.harness import run_suite, write_results
 
-        result = run_suite(self.actors.engines, self.tokenizer, self.suite, self.cfg)
+        result = run_suite(self.actors.engines, self.tokenizer, self.suite, self.cfg, quiet=True)
         write_results(result, self.out / "lm_eval" / f"step_{step:06d}.json", {"step": step})
         return {k: v for k, v in result.items() if k != "full"}
 
