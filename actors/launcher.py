@@ -13,7 +13,9 @@ import atexit
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -120,6 +122,13 @@ def is_private() -> bool:
 def init_ray(address: str | None, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
+    handler = signal.getsignal(signal.SIGTERM)  # the CLI's (SIGTERM takes Ctrl-C's path); Ray's native one replaces it
+    _init_ray(address, num_cpus)
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(address=address)
@@ -172,7 +181,19 @@ def _bundle(cpus: float, gpus: float, extra: dict[str, float]) -> dict[str, floa
     return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **extra}
 
 
+def _check_fits(bundles: list[dict]) -> None:
+    """A bundle larger than every node of the cluster can never be placed: say so at once, not after the wait."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    for b in bundles:
+        if nodes and not any(all(node.get(k, 0) >= v for k, v in b.items() if v) for node in nodes):
+            raise PlacementError(
+                f"no node of the Ray cluster can ever host bundle {b}: its nodes have "
+                f"{[{k: v for k, v in n.items() if k in b} for n in nodes]}. Lower ray.learner_cpus / ray.rollout_cpus "
+                "or the per-role resources, or add a larger node.")
+
+
 def _reserve(bundles: list[dict], strategy: str) -> ray.util.placement_group.PlacementGroup:
+    _check_fits(bundles)
     pg = placement_group(bundles, strategy=strategy)
     if not pg.wait(PLACEMENT_TIMEOUT_S):
         remove_placement_group(pg)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from .run.checkpoint import verify
 from .config import DEFAULT_CONFIG, load_config
 from .errors import CheckpointError, ConfigError, SdftError
+from .models import check_model_folder
 
 METHODS = ("sft", "dft", "sdft")  # train.mode values `sdft compare` runs
 
@@ -97,7 +99,7 @@ def _train(args) -> dict:
     resume, config, overrides = _resume_mode(args.resume, config, overrides)
     if args.output:
         overrides.append(f"output_dir={args.output}")
-    if args.steps:
+    if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     cfg = load_config(config, overrides)
     if resume and args.overwrite:
@@ -133,12 +135,13 @@ def _eval(args) -> dict:
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt} is not a folder: give a step_* folder of `sdft train` or an HF model folder")
-    if (ckpt / "trainer_state.json").exists():  # a checkpoint of `sdft train`: check it matches its manifest
-        verify(ckpt)
+    if any((ckpt / f).exists() for f in ("trainer_state.json", "manifest.json", "config.yaml")):
+        verify(ckpt)  # a checkpoint of `sdft train` (even one that lost a file): it must match its manifest
     config, overrides = _split_config_arg(args.config, args.overrides)
     if args.limit is not None and not args.lm_eval:
         raise ConfigError("--limit applies to --lm-eval: add --lm-eval TASKS")
     cfg, model_dir = _eval_config(ckpt, config, [*overrides, *_lm_eval_overrides(args)])
+    check_model_folder(model_dir, str(ckpt))  # one line for a folder that holds no model
     suite = None
     if cfg.eval.lm_eval.tasks:
         from .experiments.harness import prepare_suite
@@ -209,7 +212,8 @@ def _eval_config(ckpt: Path, config: str | None, overrides: list[str]):
     if own_config:
         config = str(ckpt / "config.yaml")
     model_dir = ckpt / "model" if (ckpt / "model" / "config.json").exists() else ckpt
-    guard = ["model.trust_remote_code=false"] if own_config else []
+    # nothing that executes or connects: remote code, and the cluster its run used (it would get your driver's pickles)
+    guard = ["model.trust_remote_code=false", "ray.address=null"] if own_config else []
     # model/ of a LoRA run is base + adapter merged: a plain model, served without LoRA
     cfg = load_config(config, [*guard, *overrides, f"model.path={model_dir}", "model.lora.r=null"])
     if own_config and ":" in cfg.eval.metric and not any(o.startswith("eval.metric=") for o in overrides):
@@ -231,7 +235,7 @@ def _compare(args) -> dict:
     from .experiments.compare import parse_stages, run_compare, run_sequential
 
     config, overrides = _split_config_arg(args.config, args.overrides)
-    if args.steps:
+    if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -328,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     console.current_log = None
+    previous = sigterm_as_interrupt()
     try:
         {"train": _train, "eval": _eval, "compare": _compare, "export": _export, "data": _data,
          "config": _config}[args.command](args)
@@ -342,7 +347,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdft: unexpected error: {type(cause).__name__}: {first_line(cause)}; full traceback in "
               f"{_save_traceback(e)}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's stop, `kill`) takes Ctrl-C's path: actors stopped, one line naming where to resume.
+    Installed again once Ray is up, whose native signal handler would otherwise print a stack and exit. Returns the
+    handler it replaced."""
+    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 if __name__ == "__main__":

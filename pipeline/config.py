@@ -121,6 +121,23 @@ class DataConfig(_Section):
         "(default: the official SDFT template, byte for byte)",
     )
     shuffle: bool = Field(True, description="shuffle training rows each epoch (seeded by train.seed)")
+
+    @field_validator("teacher_template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        """{x} and {c}, and no other field: a template without {c} would give the teacher the student's context."""
+        import string
+
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
+        except ValueError as e:
+            raise ValueError(f"not a valid template ({e}); write a literal brace as {{{{ or }}}}") from None
+        if fields - {"x", "c"}:
+            raise ValueError(f"names {sorted(fields - {'x', 'c'})}: only {{x}} (the prompt) and {{c}} (the "
+                             "demonstration) exist; write a literal brace as {{ or }}")
+        if fields != {"x", "c"}:
+            raise ValueError("must contain both {x} (the prompt) and {c} (the demonstration)")
+        return v
     chat_template_kwargs: dict[str, object] = Field(
         default_factory=dict,
         description="extra arguments of the tokenizer's chat template for the student and teacher contexts, eval and "
@@ -258,6 +275,11 @@ class TrainConfig(_Section):
         "stop",
         description="a step with a non-finite loss, IS weight or gradient: stop the run (nothing from it saved), or "
         f"skip its update (weights unchanged, the step logged with skipped=1; {MAX_CONSECUTIVE_SKIPS} in a row stop)",
+    )
+    on_collapse: Literal["stop", "warn"] = Field(
+        "stop",
+        description="a step whose loss and gradient norm are exactly 0 after steps where they were not (weights blown "
+        "up into a constant output, e.g. a far too high train.lr): stop the run naming the last checkpoint, or warn",
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage of the learner")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward of the student")
@@ -612,6 +634,48 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+MAX_YAML_NODES = 100_000  # a config is hundreds of nodes; aliases that expand beyond this are a YAML bomb
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML keeps the last silently) and aliases that
+    expand beyond MAX_YAML_NODES nodes (counted on the node graph, before anything is expanded)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one section (first on line {seen[key] + 1}); keep one",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"its anchors and aliases expand to more than {MAX_YAML_NODES} nodes; write the values out",
+                node.start_mark)
+        return node
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Nodes of the document with every alias expanded, computed once per shared node (no expansion happens)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a cycle counts once
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(n, memo) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, MAX_YAML_NODES + 1)
+    return memo[id(node)]
+
+
 def _read_yaml(path: Path) -> dict:
     """The config file's top-level mapping; anything else is one line naming the file and what to fix."""
     if not path.exists():
@@ -619,7 +683,7 @@ def _read_yaml(path: Path) -> dict:
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder; give the path of a YAML file (e.g. {path}/config.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); give a YAML config") from None
     except OSError as e:

@@ -8,6 +8,7 @@ tokenizer's chat template when it has one, exactly as the student context does.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import random
 import re
@@ -69,6 +70,28 @@ def _read_rows(source: str, split: str) -> list[tuple[dict, str]]:
     return rows
 
 
+def fingerprint(source: str | None) -> str | None:
+    """A short hash of a data source's bytes (a file, or every file of a folder with its name); a hub dataset is its
+    name. Stored in each checkpoint so that a resume notices data that changed under it."""
+    if not source:
+        return None
+    if source.startswith("hf:"):
+        return source
+    path = _resolve(source)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(path) if f != path else f.name).encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16] if files else None
+
+
+def data_fingerprints(cfg: Config) -> dict[str, str | None]:
+    return {"data.train": fingerprint(cfg.data.train), "data.eval": fingerprint(cfg.data.eval)}
+
+
 def _hub_rows(source: str, split: str) -> list[tuple[dict, str]]:
     import datasets
 
@@ -101,8 +124,13 @@ def _folder_rows(path: Path, split: str) -> list[tuple[dict, str]]:
     return [(dict(r), f"{path}[{i}]") for i, r in enumerate(ds)]
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")  # what chat templates know
+
+
 def _check_prompt(prompt, where: str, key: str):
     if isinstance(prompt, str):
+        if not prompt.strip():
+            raise DataError(f"{where}: field {key!r} is empty; give the prompt, or remove the row")
         return
     ok = isinstance(prompt, list) and prompt and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
@@ -112,6 +140,13 @@ def _check_prompt(prompt, where: str, key: str):
             f"{where}: field {key!r} must be a string or a list of chat messages "
             "[{\"role\": ..., \"content\": ...}] with at least one user turn"
         )
+    unknown = sorted({m["role"] for m in prompt} - set(ROLES))
+    if unknown:
+        raise DataError(f"{where}: field {key!r} has messages with role {unknown[0]!r}; chat templates know "
+                        f"{', '.join(ROLES)}")
+    last_user = [m for m in prompt if m["role"] == "user"][-1]
+    if not last_user["content"].strip():
+        raise DataError(f"{where}: field {key!r}: the last user turn is empty; give the prompt, or remove the row")
 
 
 def load_examples(source: str, cfg: DataConfig) -> list[Example]:
@@ -129,6 +164,10 @@ def load_examples(source: str, cfg: DataConfig) -> list[Example]:
             raise DataError(f"{where}: field {cfg.demonstration_field!r} must be a string")
         if cfg.strip_thinking:
             demo = THINKING.sub("", demo)
+        if not demo.strip():
+            raise DataError(f"{where}: field {cfg.demonstration_field!r} is empty" + (" once its <think> block is "
+                            "dropped" if cfg.strip_thinking else "") + ": the teacher would see no demonstration; give "
+                            "one, or remove the row")
         answer = row.get(cfg.answer_field) if cfg.answer_field else None
         out.append(Example(row[cfg.prompt_field], demo, str(answer) if answer is not None else demo, where))
     return out
@@ -156,11 +195,31 @@ def encode_context(tokenizer, messages: list[dict], template_kwargs: dict | None
     return tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
 
 
+def special_tokens(tokenizer) -> list[str]:
+    """The strings the tokenizer reads as control tokens (<|im_start|>, </s>, ...)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return sorted({t.content for t in added.values() if t.special} | set(tokenizer.all_special_tokens), key=len)[::-1]
+
+
+def _check_special(ex: Example, specials: list[str]) -> None:
+    """Data is text: a control token written inside a row would be parsed as one (a row could open its own system
+    turn), so such a row is refused rather than trained on."""
+    texts = [m["content"] for m in as_messages(ex.prompt)] + [ex.demonstration]
+    for text in texts:
+        found = next((t for t in specials if t and t in text), None)
+        if found:
+            raise DataError(f"{ex.where}: contains {found!r}, a control token of the model's tokenizer, which would be "
+                            "read as one (the row could open a turn of its own): remove it from the data")
+
+
 def tokenize_examples(examples: list[Example], tokenizer, cfg: Config) -> None:
-    """Fill the token ids in place; a context that cannot fit is an error naming its row."""
+    """Fill the token ids in place; a context that cannot fit, or text holding a control token, is an error naming
+    its row."""
     limit = cfg.model.max_model_len
     budget = limit - cfg.rollout.max_new_tokens
+    specials = special_tokens(tokenizer)
     for ex in examples:
+        _check_special(ex, specials)
         kwargs = cfg.data.chat_template_kwargs
         ex.student_ids = encode_context(tokenizer, as_messages(ex.prompt), kwargs)
         ex.teacher_ids = encode_context(tokenizer, teacher_messages(ex.prompt, ex.demonstration, cfg.data.teacher_template),

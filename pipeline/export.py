@@ -28,6 +28,8 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
         raise ModelNotFound(f"{checkpoint} is not a checkpoint written by `sdft train` (a step_* folder with "
                             "config.yaml and model/)")
     verify(checkpoint)  # its manifest: nothing damaged or swapped since it was written
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--merge {out} is a file: give a new folder")
     if out.exists() and any(out.iterdir()):
         raise OutputError(f"{out} is not empty: give --merge a new folder")
     cfg = load_config(config_file)

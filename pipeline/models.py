@@ -82,6 +82,25 @@ def check_model_folder(path: Path, spec: str) -> None:
                             "model folder (save_pretrained of the model and its tokenizer)")
 
 
+def check_context_length(model_dir: str, max_model_len: int) -> None:
+    """model.max_model_len within what the model was built for (config.json's max_position_embeddings), said before
+    any engine starts (vLLM refuses it inside the engine's process). A model with rope scaling is left to vLLM."""
+    import json
+
+    config = Path(model_dir) / "config.json"
+    if not config.exists():
+        return  # a hub id: checked by the engine
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return
+    cfg = cfg.get("text_config", cfg)
+    limit = cfg.get("max_position_embeddings")
+    if isinstance(limit, int) and not cfg.get("rope_scaling") and max_model_len > limit:
+        raise ModelNotFound(f"model.max_model_len={max_model_len} is beyond the {limit} positions the model was built "
+                            f"for ({config}: max_position_embeddings); set model.max_model_len <= {limit}")
+
+
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE as the hub client sees it."""
     from huggingface_hub import constants

@@ -242,7 +242,10 @@ def test_unexpected_error_is_one_line_with_the_traceback_in_driver_log(tmp_path,
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_with_one_line_and_a_resume_command(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_ctrl_c_stops_with_one_line_and_a_resume_command(tmp_path, capsys, signum):
+    """Ctrl-C, and SIGTERM (a scheduler's stop) the same way; while the run is alive its folder is locked: a second
+    run into it, even with --resume, is refused in one line."""
     tmp = Path(tempfile.mkdtemp(prefix="sdft-t-", dir="/tmp"))  # the run's TMPDIR (short, for Ray's sockets)
     out = tmp_path / "run"
     # more steps than run before the signal (the tiny model trains at ~10 steps/s): the interrupt lands mid-run
@@ -261,7 +264,9 @@ def test_ctrl_c_stops_with_one_line_and_a_resume_command(tmp_path):
         while not list(out.glob("step_*")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)  # a published checkpoint: step 1 is logged to metrics.jsonl and saved
         assert proc.poll() is None, err_file.read_text()[-3000:]
-        proc.send_signal(signal.SIGINT)
+        assert cli_main(["train", SMOKE, "--output", str(out), "--resume"]) == 2
+        assert "is in use by a run that is still alive (pid" in _one_line(capsys)
+        proc.send_signal(signum)
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:

@@ -49,10 +49,25 @@ def make_scorer(metric: str, pattern: str | None = None) -> Callable[[str, Examp
                             f"{first_line(e)}); give an importable 'package.module:function'") from None
         if not callable(fn):
             raise EvalError(f"eval.metric={metric!r}: {mod}.{name} is not a function")
+        _check_signature(fn, metric)
         return fn
     close = difflib.get_close_matches(metric, BUILTIN_METRICS, n=1)
     raise EvalError(f"eval.metric={metric!r} is not a metric" + (f" (did you mean {close[0]}?)" if close else "")
                     + f"; use {', '.join(BUILTIN_METRICS)} or 'package.module:function'")
+
+
+def _check_signature(fn, metric: str) -> None:
+    """A metric is called as fn(completion, example): a callable that cannot take that (e.g. os:system) is refused
+    now, not when the first eval calls it."""
+    import inspect
+
+    try:
+        inspect.signature(fn).bind("completion", None)
+    except TypeError:
+        raise EvalError(f"eval.metric={metric!r} cannot be called as fn(completion, example) -> float; give a "
+                        "function of that form") from None
+    except ValueError:  # a builtin without a signature: not a metric of ours
+        raise EvalError(f"eval.metric={metric!r} is not a Python function taking (completion, example)") from None
 
 
 def check_metric(cfg) -> None:

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,28 +124,44 @@ def finish(pending: Pending, keep_last: int) -> Path:
 
 
 class Checkpoints:
-    """A run's checkpoints: written in the background while training goes on (one at a time), `last` the newest one
-    published. When the run stops on an error, `settle` publishes the one being written: it predates the error."""
+    """A run's checkpoints: written in the background while training goes on (one at a time) and published by a
+    thread of the driver as soon as the learners' writes complete, so a run that stops later (Ctrl-C, SIGTERM, a dead
+    rank) leaves it published; `last` is the newest published one."""
 
     def __init__(self, learners: list, output_dir: Path, cfg, last: Path | None = None):
         self.learners, self.output_dir, self.cfg = learners, output_dir, cfg
         self.last = str(last) if last else None
         self._saving: Pending | None = None
+        self._publisher: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def due(self, step: int, total: int) -> bool:
         c = self.cfg.checkpoint
         return bool(c.every and step % c.every == 0) or (step == total and c.final)
 
     def save(self, step: int, extra: dict) -> None:
-        """Start writing `step` (after publishing the previous one)."""
+        """Start writing `step` (after the previous one is published)."""
         self.finish()
         self._saving = start(self.learners, self.output_dir, step, self.cfg, extra)
+        self._publisher = threading.Thread(target=self._publish, args=(self._saving,), daemon=True,
+                                           name=f"sdft-publish-{step}")
+        self._publisher.start()
+
+    def _publish(self, pending: Pending) -> None:
+        try:
+            self.last = str(finish(pending, self.cfg.checkpoint.keep_last))
+        except BaseException as e:  # raised to the run by `finish`
+            self._error = e
 
     def finish(self) -> str | None:
-        """Publish the checkpoint being written, if any; returns the newest published one."""
-        if self._saving is not None:
-            saving, self._saving = self._saving, None
-            self.last = str(finish(saving, self.cfg.checkpoint.keep_last))
+        """Wait until the checkpoint being written is published, if any (its error, if writing it failed); returns
+        the newest published one."""
+        if self._publisher is not None:
+            self._publisher.join()
+            self._publisher = self._saving = None
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
         return self.last
 
     def settle(self) -> str | None:
@@ -324,6 +341,23 @@ def check_config(ckpt: Path, cfg, allow_change: bool = False) -> dict:
         log.info(note)
         print(note, file=sys.stderr)
     return changes
+
+
+def check_data(ckpt: Path, prints: dict, allow_change: bool = False) -> None:
+    """The data sources' fingerprints stored in `ckpt` against the resumed run's: rows that changed under a run
+    would silently continue it on other data. A checkpoint from before fingerprints were stored is not checked."""
+    stored = trainer_state(ckpt).get("data") or {}
+    changed = [key for key, value in prints.items() if key in stored and stored[key] != value]
+    if not changed:
+        return
+    what = ", ".join(changed)
+    if not allow_change:
+        raise CheckpointError(f"{ckpt.name} was trained on other data: the contents of {what} changed since; "
+                              "resuming would continue on other rows: restore the data, or pass --allow-config-change "
+                              "to continue anyway")
+    note = f"data changed since {ckpt.name} (--allow-config-change): {what}"
+    log.info(note)
+    print(note, file=sys.stderr)
 
 
 def _main(argv: list[str]) -> int:

@@ -25,14 +25,15 @@ from actors.launcher import Actors, init_ray, launch, stop_private_ray
 from actors.messages import Sample, StepMetrics
 
 from ..config import MAX_CONSECUTIVE_SKIPS, Config
-from ..data import Example, batch_indices, load_splits
+from ..data import Example, batch_indices, data_fingerprints, load_splits
 from ..errors import ForgettingLimit, LearnerFailed, SyncMismatch, TrainingDiverged
 from ..experiments import gate
 from ..experiments.evaluation import check_metric, evaluate_all, load_eval_sets
 from ..experiments.monitor import ForgettingMonitor
-from ..models import resolve_model
+from ..models import check_context_length, resolve_model
 from . import checkpoint
 from .console import forget_log, log_to_file, print_header
+from .lock import RunLock
 from .rollouts import Rollouts
 from .tracking import MetricsLogger
 
@@ -127,7 +128,8 @@ def train(cfg: Config, resume: bool | str = False, on_step: Callable[[int, Actor
     A private Ray instance that this call starts (no cluster given, none running) stops when it returns."""
     own_ray = not ray.is_initialized()
     try:
-        return _train(cfg, resume, on_step, overwrite, allow_config_change)
+        with RunLock(Path(cfg.output_dir)):  # one writer per run folder, from before anything in it is touched
+            return _train(cfg, resume, on_step, overwrite, allow_config_change)
     finally:
         if own_ray:
             stop_private_ray()
@@ -143,7 +145,9 @@ def _train(cfg: Config, resume: bool | str, on_step: Callable[[int, Actors], Non
     if ckpt is not None:  # verified and compared before anything starts
         ckpt = checkpoint.resume_point(out, "auto" if resume == "auto" else "latest")
         checkpoint.check_config(ckpt, cfg, allow_config_change)
+        checkpoint.check_data(ckpt, data_fingerprints(cfg), allow_config_change)
     model_path = resolve_model(cfg.model.path, cfg.train.seed)
+    check_context_length(model_path, cfg.model.max_model_len)
     check_metric(cfg)
     suite = _lm_eval_suite(cfg)
     state = checkpoint.trainer_state(ckpt) if ckpt else {"step": 0}
@@ -189,11 +193,13 @@ class Run:
     def __init__(self, cfg: Config, actors: Actors, out: Path, inputs: tuple, t_start: float, suite=None):
         self.cfg, self.actors, self.out, self.t_start = cfg, actors, out, t_start
         self.suite = suite  # eval.lm_eval: the prior-capability suite (experiments/harness.py)
+        self.data_prints = data_fingerprints(cfg)  # of the data as this run loaded it, stored in its checkpoints
         self.tokenizer, self.train_set, self.eval_set, self.named_sets, self.monitor = inputs
         self.steps = total_steps(cfg, len(self.train_set))
         self.rollouts = Rollouts(actors, cfg, self.batch, self.steps)
         self.weights = actors.sync  # the weight path's owner (actors/weight_sync)
         self.skipped_in_a_row = 0  # train.on_nonfinite=skip
+        self.moved = False  # a step with a non-zero loss or gradient was seen (train.on_collapse)
 
     def batch(self, step: int) -> list[Example]:
         cfg = self.cfg
@@ -269,6 +275,7 @@ class Run:
             record["teacher"] = {**teacher, **({"logprob_gap": values["logprob_gap"]}
                                                if values["logprob_gap"] is not None else {})}
         self._check_finite(step, metrics, record)
+        self._check_collapse(step, metrics)
         return metrics
 
     def _check_finite(self, step: int, metrics: StepMetrics, record: dict) -> None:
@@ -287,6 +294,22 @@ class Run:
                 f"good checkpoint: {self.checkpoints.settle() or 'none'}. Try a lower train.lr or train.grad_clip, "
                 "more train.warmup_steps, or check the data; resume with `sdft train ... --resume` from a good "
                 "checkpoint.")
+
+    def _check_collapse(self, step: int, metrics: StepMetrics) -> None:
+        """Loss and gradient exactly 0 after steps where they were not: the weights no longer depend on the data (a
+        diverged run whose values stayed finite, e.g. train.lr=1e6), which the non-finite guard cannot see."""
+        flat = metrics.loss == 0 and metrics.grad_norm == 0
+        if not flat:
+            self.moved = self.moved or bool(metrics.loss or metrics.grad_norm)
+            return
+        if not self.moved:
+            return
+        message = (f"step {step + 1}: loss and gradient norm are exactly 0 after non-zero steps: the model collapsed "
+                   f"(its output no longer depends on the data). Last checkpoint: {self.checkpoints.settle() or 'none'}. "
+                   "Try a lower train.lr or train.grad_clip; train.on_collapse=warn lets the run go on.")
+        if self.cfg.train.on_collapse == "stop":
+            raise TrainingDiverged(message)
+        logging.getLogger(__name__).warning(message)
 
     def publish(self, version: int) -> dict:
         """The learner's new weights to the engines. Async mode: they load next to the learner's next step, and the
@@ -350,12 +373,16 @@ class Run:
 
     def checkpoint(self, done: int) -> None:
         if self.checkpoints.due(done, self.steps):
-            self.checkpoints.save(done, {"wandb_id": self.logger.wandb_id})
+            self.checkpoints.save(done, self._state())
+
+    def _state(self) -> dict:
+        """What a checkpoint's trainer_state.json holds besides the step: the wandb run, the data's fingerprints."""
+        return {"wandb_id": self.logger.wandb_id, "data": self.data_prints}
 
     def stop_if_forgetting(self, done: int, record: dict) -> None:
         """monitor.max_kl_to_base: save a checkpoint of this step and stop."""
         if self.monitor is not None and self.monitor.over_limit(record):
-            path = self.checkpoints.save_now(done, {"wandb_id": self.logger.wandb_id})
+            path = self.checkpoints.save_now(done, self._state())
             raise ForgettingLimit(self.monitor.stop_message(done, record, path))
 
     # ---- after the last step ----------------------------------------------------------------------------------

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
+
+from ..errors import OutputError
 
 
 def _flatten(record: dict) -> dict:
@@ -18,13 +21,32 @@ def _flatten(record: dict) -> dict:
     return flat
 
 
+def _records(path: Path) -> list[str]:
+    """The lines of metrics.jsonl; a last line cut short by a kill is dropped with one line saying so, a bad line
+    elsewhere is an error naming it."""
+    lines = [l for l in path.read_text(encoding="utf-8", errors="replace").splitlines() if l.strip()]
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines) - 1:
+                print(f"sdft: {path}: dropped its last line, cut short when the previous run was stopped "
+                      f"({line[:60]!r}...)", file=sys.stderr)
+                return lines[:-1]
+            raise OutputError(f"{path}:{i + 1}: not a metrics record ({line[:60]!r}); the file was changed by hand: "
+                              "restore it or start over with --overwrite") from None
+    return lines
+
+
 class MetricsLogger:
     def __init__(self, cfg, output_dir: Path, resume_step: int | None = None, wandb_id: str | None = None):
         self.path = output_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # Drop records a crashed run wrote after its last checkpoint: they will be produced again.
-            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
+            keep = [l for l in _records(self.path) if json.loads(l)["step"] <= resume_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(l + "\n" for l in keep))
+            os.replace(tmp, self.path)
         elif self.path.exists():
             self.path.unlink()
         self.run = None
@@ -43,9 +65,11 @@ class MetricsLogger:
         return self.run.id if self.run is not None else None
 
     def log(self, step: int, record: dict) -> None:
+        """One line per record, in one write() of the whole line: a kill leaves the file with whole lines, or at
+        worst one torn last line, which a resume drops (`_records`)."""
         record = {"step": step, **record}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        with self.path.open("ab", buffering=0) as f:
+            f.write((json.dumps(record) + "\n").encode())
         if self.run is not None:
             self.run.log(_flatten(record), step=step)
 
