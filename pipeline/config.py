@@ -468,6 +468,11 @@ class RayConfig(_Section):
     engine_max_restarts: int = Field(
         3, ge=0, description="a crashed rollout engine is restarted (up to this many times) and re-synced"
     )
+    stall_timeout_s: float = Field(
+        1800.0, ge=0.0, description="a rollout engine whose generation call, or a learner whose step, makes no progress "
+        "for this long is treated as dead (engine: killed, restarted and re-synced; learner: the run stops naming the "
+        "last checkpoint), with a line on the console; 0: wait forever",
+    )
 
 
 class AsyncConfig(_Section):

@@ -125,16 +125,22 @@ def test_async_rollouts_bounded_staleness(tmp_path, ray_session, lora):
         assert all(r["sync"]["greedy_match"] == 1.0 for r in _records(blocking) if "loss" in r)
 
 
-def test_killed_rollout_engine_is_restarted_and_resynced(tmp_path, reference_run):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stalled"])
+def test_killed_rollout_engine_is_restarted_and_resynced(tmp_path, reference_run, signum, capsys):
+    """A crashed engine, and one that stops answering (SIGSTOP: the watchdog, ray.stall_timeout_s, kills it), is
+    restarted and re-synced; the run goes on as if nothing happened."""
     killed = []
 
     def kill_engine(step, actors):
         if step == 1:
             pid = ray.get(actors.engines[0].node.remote())["pid"]
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signum)
             killed.append(pid)
 
-    train(_cfg(tmp_path, "train.steps=3", "train.zero_stage=2", "sync.check_greedy=true"), on_step=kill_engine)
+    train(_cfg(tmp_path, "train.steps=3", "train.zero_stage=2", "sync.check_greedy=true", "ray.stall_timeout_s=15"),
+          on_step=kill_engine)
+    if signum == signal.SIGSTOP:
+        assert "rollout engine 0 made no progress for 15s (ray.stall_timeout_s): killing it" in capsys.readouterr().err
     records = [r for r in _records(tmp_path) if "loss" in r]
     assert killed and [r["step"] for r in records] == [1, 2, 3]  # no step lost or repeated
     assert records[-1]["rollout"]["engine_restarts"] >= 1
@@ -143,13 +149,35 @@ def test_killed_rollout_engine_is_restarted_and_resynced(tmp_path, reference_run
     assert _losses(tmp_path) == pytest.approx(_losses(reference_run), rel=1e-4)
 
 
-def test_learner_failure_ends_run_with_message_and_checkpoint(tmp_path, ray_session):
+def test_checkpoint_is_published_when_written(tmp_path, ray_session):
+    """A checkpoint is published as soon as the learners have written it, not when the next one starts: a run that
+    stops later (Ctrl-C, SIGTERM, a dead rank) leaves it in place."""
+    import time
+
+    seen = {}
+
+    def watch(step, actors):
+        if step == 3:  # step 2's checkpoint was started after step 2; the next one is step 4's
+            deadline = time.monotonic() + 60
+            while not (tmp_path / "step_000002").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            seen["published"] = (tmp_path / "step_000002" / "manifest.json").exists()
+
+    train(_cfg(tmp_path, "train.steps=5", "checkpoint.every=2", "checkpoint.keep_last=3"), on_step=watch)
+    assert seen == {"published": True}
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000002", "step_000004", "step_000005"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stalled"])
+def test_learner_failure_ends_run_with_message_and_checkpoint(tmp_path, ray_session, signum):
+    """A learner rank that dies, or stops making progress (ray.stall_timeout_s), ends the run naming the last
+    checkpoint, which is usable."""
     def kill_learner(step, actors):
         if step == 2:
-            os.kill(ray.get(actors.learner.node.remote())["pid"], signal.SIGKILL)
+            os.kill(ray.get(actors.learner.node.remote())["pid"], signum)
 
     with pytest.raises(LearnerFailed, match=r"step 3 .*step_000002.*--resume"):
-        train(_cfg(tmp_path, "train.steps=4", "checkpoint.every=2"), on_step=kill_learner)
+        train(_cfg(tmp_path, "train.steps=4", "checkpoint.every=2", "ray.stall_timeout_s=15"), on_step=kill_learner)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "step_000002" / "model")  # usable

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.launcher import Actors, init_ray, launch, stop_private_ray
 from actors.messages import Sample, StepMetrics
@@ -263,7 +263,12 @@ class Run:
         if self.cfg.train.distills:
             self.rollouts.prefetch(step)
         try:
-            metrics = StepMetrics.merge(ray.get(calls))
+            metrics = StepMetrics.merge(ray.get(calls, timeout=self.cfg.ray.stall_timeout_s or None))
+        except GetTimeoutError:
+            raise LearnerFailed(
+                f"a learner rank made no progress on step {step + 1} for {self.cfg.ray.stall_timeout_s:.0f}s "
+                f"(ray.stall_timeout_s): the run stops. Last complete checkpoint: {self.checkpoints.last or 'none'}; "
+                "continue with `sdft train ... --resume`.") from None
         except RayActorError as e:
             raise LearnerFailed(
                 f"a learner rank died at step {step + 1} ({type(e).__name__}). Last complete checkpoint: "

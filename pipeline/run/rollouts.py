@@ -16,6 +16,8 @@ previous step, on the teacher weights the pool holds then (ema: up to k pushes o
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -111,6 +113,15 @@ class Rollouts:
                     raise EngineFailed(f"{pool} engine {i} did not come back within {RESTART_TIMEOUT_S}s") from None
                 time.sleep(1)
 
+    def _kill_stalled(self, i: int) -> None:
+        """An engine that answered nothing for ray.stall_timeout_s (hung, stopped): killed, so that Ray restarts it and
+        the crash path takes over."""
+        message = (f"rollout engine {i} made no progress for {self.cfg.ray.stall_timeout_s:.0f}s "
+                   "(ray.stall_timeout_s): killing it; it restarts and is re-synced")
+        logging.getLogger(__name__).warning(message)
+        print(f"sdft: {message}", file=sys.stderr)
+        ray.kill(self.actors.engines[i], no_restart=False)
+
     def _recover(self, i: int) -> None:
         """A crashed engine restarts from the base weights: bring it to the current version before reuse."""
         self.restarts += 1
@@ -150,9 +161,11 @@ class Rollouts:
         for k, (i, idx, ref) in enumerate(job.shards):
             while True:
                 try:
-                    results = ray.get(ref)
+                    results = ray.get(ref, timeout=self.cfg.ray.stall_timeout_s or None)
                     break
-                except RayActorError:  # the engine crashed mid-generation: restart, re-sync, same seeds again
+                except (RayActorError, GetTimeoutError) as e:  # crashed or stalled: restart, re-sync, same seeds again
+                    if isinstance(e, GetTimeoutError):
+                        self._kill_stalled(i)
                     self._recover(i)
                     engine = self.actors.engines[i]
                     contexts = [job.prompts[j].teacher_ids for j in idx] if self._scored_here() else None
