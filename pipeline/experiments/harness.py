@@ -27,7 +27,7 @@ from ..models import first_line, hub_offline
 PAPER_METRICS = {"hellaswag": "acc_norm", "mmlu": "acc", "truthfulqa_mc1": "acc", "winogrande": "acc",
                  "humaneval": "pass@1", "ifeval": "inst_level_loose_acc"}
 PRESETS = {"paper": PAPER_METRICS}
-CHUNK = 256  # requests per engine call: the harness's progress is visible and no call holds an engine for long
+CHUNK = 256  # log-likelihood requests per engine call: spread over every engine, no call holds one for long
 
 
 @dataclass
@@ -216,17 +216,14 @@ class EngineLM(TemplateLM):
         from actors.rollout import generate_sharded
 
         groups: dict[tuple, list[int]] = {}
-        settings = []
-        for i, (context, gen) in enumerate(req.args for req in requests):
+        for i, (_, gen) in enumerate(req.args for req in requests):
             gen = dict(gen or {})
             until = gen.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             eos = self.tokenizer.decode([self.eot_token_id])
             until = until + [eos] if eos not in until else until
             temperature = float(gen.get("temperature", 0.0)) if gen.get("do_sample", False) else 0.0
-            key = (tuple(until), int(gen.get("max_gen_toks", 256)), temperature)
-            settings.append(key)
-            groups.setdefault(key, []).append(i)
+            groups.setdefault((tuple(until), int(gen.get("max_gen_toks", 256)), temperature), []).append(i)
         out = [""] * len(requests)
         for (until, max_new, temperature), idx in groups.items():
             budget = max(self.max_length - max_new, 1)
