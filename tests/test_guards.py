@@ -222,3 +222,15 @@ def test_eval_and_export_of_the_wrong_things(tmp_path, capsys, tiny_model):
     (ckpt / "trainer_state.json").unlink()
     assert cli_main(["eval", str(ckpt)]) == 2
     assert "trainer_state.json" in _err_line(capsys)
+
+
+@pytest.mark.slow
+def test_a_bundle_no_node_can_hold_fails_at_once(tmp_path, ray_session):
+    """ray.learner_cpus beyond every node: one message at once, not after the placement wait."""
+    from pipeline.errors import PlacementError
+    from pipeline.run.driver import train
+
+    started = time.monotonic()
+    with pytest.raises(PlacementError, match=r"no node of the Ray cluster can ever host bundle \{'CPU': 64.0\}"):
+        train(load_config(SMOKE, [f"output_dir={tmp_path}", "ray.learner_cpus=64", "logging.wandb=false"]))
+    assert time.monotonic() - started < 60
