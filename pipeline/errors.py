@@ -93,6 +93,10 @@ class CheckpointWriteFailed(RunFailed, RuntimeError):
     """A checkpoint could not be written (a full disk, ...); nothing of it is left behind."""
 
 
+class OutputLost(RunFailed, RuntimeError):
+    """The output folder was removed or made unwritable while the run wrote into it."""
+
+
 USER_ERRORS = (ConfigError, DataError, EvalError, ModelNotFound, OutputError, CheckpointError)
 RUN_FAILURES = (LearnerFailed, EngineFailed, PlacementError, SyncMismatch, TrainingDiverged, ForgettingLimit,
-                TeacherGateFailed, CheckpointWriteFailed)
+                TeacherGateFailed, CheckpointWriteFailed, OutputLost)

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 USER = ["ConfigError", "DataError", "EvalError", "ModelNotFound", "OutputError", "CheckpointError"]
 RUN = ["LearnerFailed", "EngineFailed", "PlacementError", "SyncMismatch", "TrainingDiverged", "ForgettingLimit",
-       "TeacherGateFailed", "CheckpointWriteFailed"]
+       "TeacherGateFailed", "CheckpointWriteFailed", "OutputLost"]
 
 
 @pytest.mark.parametrize("name", USER)

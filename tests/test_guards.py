@@ -234,3 +234,22 @@ def test_a_bundle_no_node_can_hold_fails_at_once(tmp_path, ray_session):
     with pytest.raises(PlacementError, match=r"no node of the Ray cluster can ever host bundle \{'CPU': 64.0\}"):
         train(load_config(SMOKE, [f"output_dir={tmp_path}", "ray.learner_cpus=64", "logging.wandb=false"]))
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_output_folder_removed_mid_run_stops_in_one_message(tmp_path, ray_session, capsys):
+    from pipeline.errors import OutputLost
+    from pipeline.run.driver import train
+
+    out = tmp_path / "run"
+
+    def remove(step, actors):
+        if step == 1:
+            shutil.rmtree(out)
+
+    with pytest.raises(OutputLost, match=rf"cannot write {out}/metrics.jsonl .*removed or made unwritable"):
+        train(load_config(SMOKE, [f"output_dir={out}", "train.steps=3", "logging.wandb=false",
+                                  "logging.progress=false", "train.batch_size=4", "train.micro_batch_size=2",
+                                  "rollout.max_new_tokens=8", "data.eval_size=2", "eval.max_new_tokens=4"]),
+              on_step=remove)
+    assert "Traceback" not in capsys.readouterr().err

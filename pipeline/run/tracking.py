@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import OutputError
+from ..errors import OutputError, OutputLost
 
 
 def _flatten(record: dict) -> dict:
@@ -68,8 +68,13 @@ class MetricsLogger:
         """One line per record, in one write() of the whole line: a kill leaves the file with whole lines, or at
         worst one torn last line, which a resume drops (`_records`)."""
         record = {"step": step, **record}
-        with self.path.open("ab", buffering=0) as f:
-            f.write((json.dumps(record) + "\n").encode())
+        try:
+            with self.path.open("ab", buffering=0) as f:
+                f.write((json.dumps(record) + "\n").encode())
+        except OSError as e:
+            raise OutputLost(f"cannot write {self.path} ({e.strerror}): the output folder was removed or made "
+                             "unwritable during the run; the run stops. Restore the folder and continue with "
+                             "`sdft train ... --resume` from its last checkpoint, or start over elsewhere") from None
         if self.run is not None:
             self.run.log(_flatten(record), step=step)
 
