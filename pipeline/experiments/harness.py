@@ -216,11 +216,11 @@ class EngineLM(TemplateLM):
         from actors.rollout import generate_sharded
 
         groups: dict[tuple, list[int]] = {}
+        eos = self.tokenizer.decode([self.eot_token_id])
         for i, (_, gen) in enumerate(req.args for req in requests):
             gen = dict(gen or {})
             until = gen.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            eos = self.tokenizer.decode([self.eot_token_id])
             until = until + [eos] if eos not in until else until
             temperature = float(gen.get("temperature", 0.0)) if gen.get("do_sample", False) else 0.0
             groups.setdefault((tuple(until), int(gen.get("max_gen_toks", 256)), temperature), []).append(i)

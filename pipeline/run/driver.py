@@ -141,11 +141,12 @@ def _train(cfg: Config, resume: bool | str, on_step: Callable[[int, Actors], Non
 
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
+    prints = data_fingerprints(cfg)  # of the data as this run loads it: checked on resume, stored in checkpoints
     ckpt = checkpoint.prepare_output(out, resume, overwrite)
     if ckpt is not None:  # verified and compared before anything starts
         ckpt = checkpoint.resume_point(out, "auto" if resume == "auto" else "latest")
         checkpoint.check_config(ckpt, cfg, allow_config_change)
-        checkpoint.check_data(ckpt, data_fingerprints(cfg), allow_config_change)
+        checkpoint.check_data(ckpt, prints, allow_config_change)
     model_path = resolve_model(cfg.model.path, cfg.train.seed)
     check_context_length(model_path, cfg.model.max_model_len)
     check_metric(cfg)
@@ -153,7 +154,7 @@ def _train(cfg: Config, resume: bool | str, on_step: Callable[[int, Actors], Non
     state = checkpoint.trainer_state(ckpt) if ckpt else {"step": 0}
     actors, log_file, inputs = _start(cfg, model_path, state["step"], out.resolve() / "logs")
     try:
-        run = Run(cfg, actors, out, inputs, t_start, suite)
+        run = Run(cfg, actors, out, inputs, t_start, suite, prints)
         run.begin(ckpt, state)
         bar = tqdm(range(state["step"], run.steps), initial=state["step"], total=run.steps, desc=cfg.train.mode,
                    disable=not cfg.logging.progress, dynamic_ncols=True)
@@ -190,10 +191,11 @@ def _lm_eval_suite(cfg: Config):
 class Run:
     """The stages of one training run over its actors; `_train` calls them in order, once per step."""
 
-    def __init__(self, cfg: Config, actors: Actors, out: Path, inputs: tuple, t_start: float, suite=None):
+    def __init__(self, cfg: Config, actors: Actors, out: Path, inputs: tuple, t_start: float, suite=None,
+                 data_prints: dict | None = None):
         self.cfg, self.actors, self.out, self.t_start = cfg, actors, out, t_start
         self.suite = suite  # eval.lm_eval: the prior-capability suite (experiments/harness.py)
-        self.data_prints = data_fingerprints(cfg)  # of the data as this run loaded it, stored in its checkpoints
+        self.data_prints = data_prints  # the data's fingerprints, stored in its checkpoints
         self.tokenizer, self.train_set, self.eval_set, self.named_sets, self.monitor = inputs
         self.steps = total_steps(cfg, len(self.train_set))
         self.rollouts = Rollouts(actors, cfg, self.batch, self.steps)
@@ -309,12 +311,14 @@ class Run:
             return
         if not self.moved:
             return
+        stop = self.cfg.train.on_collapse == "stop"
         message = (f"step {step + 1}: loss and gradient norm are exactly 0 after non-zero steps: the model collapsed "
-                   f"(its output no longer depends on the data). Last checkpoint: {self.checkpoints.settle() or 'none'}. "
-                   "Try a lower train.lr or train.grad_clip; train.on_collapse=warn lets the run go on.")
-        if self.cfg.train.on_collapse == "stop":
-            raise TrainingDiverged(message)
-        logging.getLogger(__name__).warning(message)
+                   "(its output no longer depends on the data)")
+        if not stop:
+            logging.getLogger(__name__).warning(message)
+            return
+        raise TrainingDiverged(f"{message}. Last checkpoint: {self.checkpoints.settle() or 'none'}. Try a lower "
+                               "train.lr or train.grad_clip; train.on_collapse=warn lets the run go on.")
 
     def publish(self, version: int) -> dict:
         """The learner's new weights to the engines. Async mode: they load next to the learner's next step, and the

@@ -21,21 +21,22 @@ def _flatten(record: dict) -> dict:
     return flat
 
 
-def _records(path: Path) -> list[str]:
-    """The lines of metrics.jsonl; a last line cut short by a kill is dropped with one line saying so, a bad line
-    elsewhere is an error naming it."""
+def _records(path: Path) -> list[tuple[str, int]]:
+    """(line, step) of each record of metrics.jsonl; a last line cut short by a kill is dropped with one line saying
+    so, a bad line elsewhere is an error naming it."""
     lines = [l for l in path.read_text(encoding="utf-8", errors="replace").splitlines() if l.strip()]
+    records = []
     for i, line in enumerate(lines):
         try:
-            json.loads(line)["step"]
+            records.append((line, int(json.loads(line)["step"])))
         except (ValueError, KeyError, TypeError):
             if i == len(lines) - 1:
                 print(f"sdft: {path}: dropped its last line, cut short when the previous run was stopped "
                       f"({line[:60]!r}...)", file=sys.stderr)
-                return lines[:-1]
+                break
             raise OutputError(f"{path}:{i + 1}: not a metrics record ({line[:60]!r}); the file was changed by hand: "
                               "restore it or start over with --overwrite") from None
-    return lines
+    return records
 
 
 class MetricsLogger:
@@ -43,7 +44,7 @@ class MetricsLogger:
         self.path = output_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # Drop records a crashed run wrote after its last checkpoint: they will be produced again.
-            keep = [l for l in _records(self.path) if json.loads(l)["step"] <= resume_step]
+            keep = [line for line, step in _records(self.path) if step <= resume_step]
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text("".join(l + "\n" for l in keep))
             os.replace(tmp, self.path)
