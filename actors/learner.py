@@ -117,6 +117,17 @@ class Learner:
             return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()))
         return contextlib.nullcontext()
 
+    @torch.no_grad()
+    def param_norm(self) -> float:
+        """The L2 norm of every parameter of the student (frozen ones included: a LoRA run's adapter is measured against
+        the whole model). ZeRO-3 ranks each hold a shard of every parameter: a collective of every rank."""
+        zero3 = self.cfg.train.zero_stage == 3
+        local = [_own_shard(p, self.rank) if zero3 else p for p in self.engine.module.parameters()]
+        total = torch.stack([torch.linalg.vector_norm(t.float()) ** 2 for t in local]).sum()
+        if zero3 and self.world_size > 1:
+            torch.distributed.all_reduce(total)
+        return total.sqrt().item()
+
     # ---- the SDFT step -------------------------------------------------------------------------------------
     def _micro_loss(self, micro: list[Sample]) -> LossOutput:
         """student forward → teacher scores → kernel → loss, on one micro-batch."""
@@ -209,6 +220,7 @@ class Learner:
             loss=loss, kl=kl, tokens=tokens,
             is_weight_mean=w.mean().item(), is_weight_min=w.min().item(), is_weight_max=w.max().item(),
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            param_norm=self.param_norm(),
             lr=self.lr_schedule.get_last_lr()[0],
             # ZeRO 1-3 drop a step whose gradient norm is not finite themselves (bf16: check_grad_overflow)
             skipped=int(skip or self.engine.skipped_steps > skipped_before),
@@ -433,6 +445,12 @@ def _without_optimizer_step(optimizer):
         yield
     finally:
         del optimizer.step  # the class's step again
+
+
+def _own_shard(param: torch.nn.Parameter, rank: int) -> torch.Tensor:
+    """This rank's ZeRO-3 shard of a parameter, without the padding of the last shard (left uninitialized)."""
+    shard = param.ds_tensor
+    return shard.narrow(0, 0, max(0, min(shard.numel(), param.ds_numel - rank * shard.numel())))
 
 
 @torch.no_grad()

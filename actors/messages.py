@@ -57,7 +57,7 @@ def _merge(rule: str):
 @dataclass
 class StepMetrics:
     """One optimizer step on one rank. Ranks hold equal numbers of sequences, so means average; grad_norm and
-    lr are global already (DeepSpeed all-reduces the gradients)."""
+    lr are global already (DeepSpeed all-reduces the gradients; param_norm is all-reduced)."""
 
     loss: float = _merge("mean")
     kl: float = _merge("mean")
@@ -66,6 +66,7 @@ class StepMetrics:
     is_weight_min: float = _merge("min")
     is_weight_max: float = _merge("max")
     grad_norm: float = _merge("first")
+    param_norm: float = _merge("first")  # of every parameter after the update, all-reduced across ZeRO-3 shards
     lr: float = _merge("first")
     skipped: int = _merge("max")  # 1: the update was not applied (train.on_nonfinite=skip); ranks agree
     pad_fraction: float = _merge("mean")  # padding tokens / computed tokens of the learner's forwards

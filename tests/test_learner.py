@@ -1,5 +1,6 @@
 """The DeepSpeed learner on its own (Ray actors, no vLLM): ZeRO stages and loss backends agree."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,17 @@ def test_zero_stages_train_the_same(ray_session, tiny_model):
     for stage in (2, 3):
         metrics, weights = _run(ray_session, tiny_model, f"train.zero_stage={stage}")
         assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in base_metrics], rel=1e-4)
+        # ZeRO-3: every rank's shard, without its padding, makes up the same norm
+        assert [m["param_norm"] for m in metrics] == pytest.approx([m["param_norm"] for m in base_metrics], rel=1e-5)
         _close(weights, base_weights, 1e-4)  # ZeRO-3: gathered full weights come out
+
+
+def test_a_blown_up_update_shows_in_the_parameter_norm(ray_session, tiny_model):
+    """train.lr=1e6 (whose later steps were finite with loss and gradient 0): the norm train.max_param_growth bounds
+    grows by orders of magnitude at once, where lr=1e-2 moves it by a few percent."""
+    (sane,), _ = _run(ray_session, tiny_model, steps=1)
+    (blown,), _ = _run(ray_session, tiny_model, "train.lr=1e6", steps=1)
+    assert math.isfinite(blown["param_norm"]) and blown["param_norm"] > 100 * sane["param_norm"]
 
 
 def test_loss_backends_agree(ray_session, tiny_model):
