@@ -33,7 +33,6 @@ from .weight_sync import LEARNER_CONCURRENCY, WeightSync, resolve_backend
 
 CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR", "SDFT_CACHE", "HF_HOME",
               "TRITON_INTERPRET", "WANDB_MODE", "HF_HUB_OFFLINE")
-PLACEMENT_TIMEOUT_S = 120
 
 
 def _passthrough_env() -> dict[str, str]:
@@ -182,25 +181,29 @@ def _bundle(cpus: float, gpus: float, extra: dict[str, float]) -> dict[str, floa
 
 
 def _check_fits(bundles: list[dict]) -> None:
-    """A bundle larger than every node of the cluster can never be placed: say so at once, not after the wait."""
+    """A bundle larger than every node of the cluster can never be placed: say so at once, not after the wait (unless
+    ray.autoscaling: a node that holds it may still be started)."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     for b in bundles:
         if nodes and not any(all(node.get(k, 0) >= v for k, v in b.items() if v) for node in nodes):
             raise PlacementError(
                 f"no node of the Ray cluster can ever host bundle {b}: its nodes have "
                 f"{[{k: v for k, v in n.items() if k in b} for n in nodes]}. Lower ray.learner_cpus / ray.rollout_cpus "
-                "or the per-role resources, or add a larger node.")
+                "or the per-role resources, or add a larger node (on a cluster that starts nodes on demand: "
+                "ray.autoscaling=true).")
 
 
-def _reserve(bundles: list[dict], strategy: str) -> ray.util.placement_group.PlacementGroup:
-    _check_fits(bundles)
+def _reserve(bundles: list[dict], strategy: str, r) -> ray.util.placement_group.PlacementGroup:
+    """`r`: the config's ray section (autoscaling, placement_timeout_s)."""
+    if not r.autoscaling:
+        _check_fits(bundles)
     pg = placement_group(bundles, strategy=strategy)
-    if not pg.wait(PLACEMENT_TIMEOUT_S):
+    if not pg.wait(r.placement_timeout_s):
         remove_placement_group(pg)
         raise PlacementError(
-            f"the Ray cluster cannot host bundles {bundles} (strategy {strategy}) within {PLACEMENT_TIMEOUT_S}s; "
-            f"available: {ray.available_resources()}. Lower ray.learner_ranks / rollout.num_engines or the "
-            "per-role cpus/resources, or add nodes."
+            f"the Ray cluster cannot host bundles {bundles} (strategy {strategy}) within {r.placement_timeout_s:g}s "
+            f"(ray.placement_timeout_s); available: {ray.available_resources()}. Lower ray.learner_ranks / "
+            "rollout.num_engines or the per-role cpus/resources, or add nodes."
         )
     return pg
 
@@ -213,17 +216,17 @@ def _placements(cfg, gpu: bool) -> tuple[list, list, list]:
         shared = _bundle(r.learner_cpus + r.rollout_cpus, 1 if gpu else 0,
                          {k: r.learner_resources.get(k, 0) + r.rollout_resources.get(k, 0)
                           for k in {*r.learner_resources, *r.rollout_resources}})
-        pg = _reserve([shared] * max(m, n), "PACK")
+        pg = _reserve([shared] * max(m, n), "PACK", r)
         return ([at(pg, i) for i in range(m)], [at(pg, i) for i in range(n)], [pg])
-    learn_pg = _reserve([_bundle(r.learner_cpus, 1 if gpu else 0, r.learner_resources)] * m, "PACK")
-    roll_pg = _reserve([_bundle(r.rollout_cpus, 1 if gpu else 0, r.rollout_resources)] * n, "PACK")
+    learn_pg = _reserve([_bundle(r.learner_cpus, 1 if gpu else 0, r.learner_resources)] * m, "PACK", r)
+    roll_pg = _reserve([_bundle(r.rollout_cpus, 1 if gpu else 0, r.rollout_resources)] * n, "PACK", r)
     return [at(learn_pg, i) for i in range(m)], [at(roll_pg, i) for i in range(n)], [learn_pg, roll_pg]
 
 
 def _teacher_placements(cfg, gpu: bool) -> tuple[list, list]:
     """The teacher engine pool's bundles: like the rollout engines', a group of their own."""
     r, n = cfg.ray, cfg.teacher.engines
-    pg = _reserve([_bundle(r.rollout_cpus, 1 if gpu else 0, r.rollout_resources)] * n, "PACK")
+    pg = _reserve([_bundle(r.rollout_cpus, 1 if gpu else 0, r.rollout_resources)] * n, "PACK", r)
     return [PlacementGroupSchedulingStrategy(pg, i) for i in range(n)], [pg]
 
 
@@ -327,10 +330,11 @@ def launch(cfg: Config, model_path: str, total_steps: int | Callable[[], int], w
         ray.get([a.__ray_ready__.remote() for a in [*learners, *engines, *actors.teachers]])
         dtype = cfg.model.resolved_dtype(gpu) if gpu else None
         if engines:
-            actors.sync = WeightSync(backend, learners, engines, dtype=dtype, zero3=cfg.train.zero_stage == 3)
+            actors.sync = WeightSync(backend, learners, engines, dtype=dtype, zero3=cfg.train.zero_stage == 3,
+                                     stall_timeout_s=cfg.ray.stall_timeout_s)
         if actors.teachers and cfg.teacher.kind == "ema":
             actors.teacher_sync = WeightSync(backend, learners, actors.teachers, dtype=dtype, zero3=False,
-                                             source="teacher")
+                                             source="teacher", stall_timeout_s=cfg.ray.stall_timeout_s)
     except BaseException:
         actors.shutdown(wait=True)  # so that no actor writes to the output folder once the caller sees the error
         raise

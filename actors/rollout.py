@@ -245,12 +245,16 @@ def submit_sharded(engines: list, prompts: list[list[int]], seeds: list[int] | N
 
 
 def generate_sharded(engines: list, prompts: list[list[int]], seeds: list[int] | None = None,
-                     **sampling) -> list[Completion]:
-    """Results in prompt order."""
-    import ray
+                     stall_timeout_s: float = 0, **sampling) -> list[Completion]:
+    """Results in prompt order. An engine that makes no progress for `stall_timeout_s` is killed, and the call raises
+    RayActorError as for a crash (actors/watchdog.py)."""
+    from . import watchdog
 
+    shards = submit_sharded(engines, prompts, seeds, **sampling)
+    results = watchdog.wait([ref for _, _, ref in shards], [watchdog.Owner(f"rollout engine {i}", engines[i])
+                                                            for i, _, _ in shards], stall_timeout_s, "evaluation")
     out: list[Completion] = [None] * len(prompts)  # type: ignore[list-item]
-    for _, idx, ref in submit_sharded(engines, prompts, seeds, **sampling):
-        for j, r in zip(idx, ray.get(ref)):
+    for (_, idx, _), part in zip(shards, results):
+        for j, r in zip(idx, part):
             out[j] = r
     return out

@@ -279,7 +279,14 @@ class TrainConfig(_Section):
     on_collapse: Literal["stop", "warn"] = Field(
         "stop",
         description="a step whose loss and gradient norm are exactly 0 after steps where they were not (weights blown "
-        "up into a constant output, e.g. a far too high train.lr): stop the run naming the last checkpoint, or warn",
+        "up into a constant output, e.g. a far too high train.lr), or whose parameter norm grew beyond "
+        "train.max_param_growth: stop the run naming the last checkpoint, or warn",
+    )
+    max_param_growth: float | None = Field(
+        10.0, gt=1.0,
+        description="the parameters' norm (all of them, frozen ones included) may grow to this multiple of its value "
+        "when the run (or resume) began; beyond it the run has collapsed (train.on_collapse). Fine-tuning moves it by "
+        "a few percent; null: no bound",
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage of the learner")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward of the student")
@@ -465,13 +472,22 @@ class RayConfig(_Section):
     rollout_resources: dict[str, float] = Field(
         default_factory=dict, description="extra Ray resources each rollout bundle asks for"
     )
+    autoscaling: bool = Field(
+        False, description="the cluster starts nodes on demand (Ray autoscaler, KubeRay): a bundle that no node holds "
+        "now is waited for (ray.placement_timeout_s) instead of refused at once",
+    )
+    placement_timeout_s: float = Field(
+        120.0, gt=0.0, description="how long the actors' bundles may wait for room on the cluster (with "
+        "ray.autoscaling: long enough for new nodes to start)",
+    )
     engine_max_restarts: int = Field(
         3, ge=0, description="a crashed rollout engine is restarted (up to this many times) and re-synced"
     )
     stall_timeout_s: float = Field(
-        1800.0, ge=0.0, description="a rollout engine whose generation call, or a learner whose step, makes no progress "
-        "for this long is treated as dead (engine: killed, restarted and re-synced; learner: the run stops naming the "
-        "last checkpoint), with a line on the console; 0: wait forever",
+        1800.0, ge=0.0, description="an engine whose call (generation, teacher scoring, a weight push, eval, the "
+        "monitor, lm-eval) or a learner whose step or weight export makes no progress for this long is treated as dead "
+        "(engine: killed, restarted, re-synced and asked again; learner: the run stops naming the last checkpoint), "
+        "with a line on the console; 0: wait forever",
     )
 
 

@@ -308,7 +308,8 @@ def test_a_failed_checkpoint_write_leaves_nothing_behind(tmp_path, ray_session):
 
     tmp = tmp_path / ".step_000004.tmp"
     tmp.mkdir()
-    pending = checkpoint.Pending(tmp, tmp_path / "step_000004", [save.remote(str(tmp))], {"trainer_state.json": "{}"})
+    pending = checkpoint.Pending(tmp, tmp_path / "step_000004", [save.remote(str(tmp))], {"trainer_state.json": "{}"},
+                                 learners=[None])  # a task, not a learner: no stall bound here
     with pytest.raises(checkpoint.CheckpointWriteFailed) as e:
         checkpoint.finish(pending, keep_last=2)
     msg = str(e.value)

@@ -98,21 +98,22 @@ def test_resume_refuses_data_that_changed(tmp_path, capsys):
 
 
 def test_a_collapsed_run_stops(tmp_path, caplog):
-    """Loss and gradient exactly 0 after non-zero steps (train.lr=1e6 did this, finite throughout) stop the run, or
-    warn with train.on_collapse=warn; a first step at 0 is not a collapse."""
+    """Loss and gradient exactly 0 after non-zero steps (train.lr=1e6 did this, finite throughout), or a parameter
+    norm beyond train.max_param_growth times its start, stop the run, or warn with train.on_collapse=warn; a first
+    step at 0 is not a collapse. (The learner's norm itself: tests/test_learner.py.)"""
     from actors.messages import StepMetrics
     from pipeline.errors import TrainingDiverged
     from pipeline.run.driver import Run
 
     def run(mode):
         r = object.__new__(Run)
-        r.cfg, r.moved = load_config(SMOKE, [f"train.on_collapse={mode}"]), False
+        r.cfg, r.moved, r.param_norm0 = load_config(SMOKE, [f"train.on_collapse={mode}"]), False, 50.0
         r.checkpoints = type("C", (), {"settle": lambda self: "runs/x/step_000002"})()
         return r
 
-    def step(loss, grad):
+    def step(loss, grad, norm=51.0):
         return StepMetrics(loss=loss, kl=loss, tokens=8, is_weight_mean=1, is_weight_min=1, is_weight_max=1,
-                           grad_norm=grad, lr=1e-3, skipped=0, pad_fraction=0)
+                           grad_norm=grad, param_norm=norm, lr=1e-3, skipped=0, pad_fraction=0)
 
     r = run("stop")
     r._check_collapse(0, step(0.0, 0.0))  # nothing seen yet
@@ -120,6 +121,13 @@ def test_a_collapsed_run_stops(tmp_path, caplog):
     r._check_collapse(2, step(0.0, 0.3))  # one of them non-zero: not flat
     with pytest.raises(TrainingDiverged, match=r"step 4: loss and gradient norm are exactly 0 .*step_000002"):
         r._check_collapse(3, step(0.0, 0.0))
+    r = run("stop")
+    r._check_collapse(0, step(2.5, 40.0, norm=499.0))  # 9.98x: within the default bound of 10
+    with pytest.raises(TrainingDiverged, match=r"step 2: the parameters' norm grew 12x .*max_param_growth=10\).*"
+                                               r"step_000002"):
+        r._check_collapse(1, step(2.5, 40.0, norm=600.0))
+    r.cfg = load_config(SMOKE, ["train.max_param_growth=null"])
+    r._check_collapse(1, step(2.5, 40.0, norm=600.0))
     r = run("warn")
     r._check_collapse(0, step(1.0, 1.0))
     r._check_collapse(1, step(0.0, 0.0))
@@ -234,6 +242,41 @@ def test_a_bundle_no_node_can_hold_fails_at_once(tmp_path, ray_session):
     with pytest.raises(PlacementError, match=r"no node of the Ray cluster can ever host bundle \{'CPU': 64.0\}"):
         train(load_config(SMOKE, [f"output_dir={tmp_path}", "ray.learner_cpus=64", "logging.wandb=false"]))
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_an_autoscaling_cluster_waits_for_nodes_instead(tmp_path, ray_session):
+    """ray.autoscaling: a bundle no node holds now is left to the placement wait (ray.placement_timeout_s), since a
+    node that holds it may still be started."""
+    from pipeline.errors import PlacementError
+    from pipeline.run.driver import train
+
+    with pytest.raises(PlacementError, match=r"cannot host bundles \[\{'CPU': 64.0\}\] .* within 2s "
+                                             r"\(ray.placement_timeout_s\)"):
+        train(load_config(SMOKE, [f"output_dir={tmp_path}", "ray.learner_cpus=64", "logging.wandb=false",
+                                  "ray.autoscaling=true", "ray.placement_timeout_s=2"]))
+
+
+def test_output_folder_made_read_only_stops_in_one_message(tmp_path):
+    """The metrics writer on a folder remounted read-only under it (a full or failed disk, a lost mount; as root a
+    chmod would not stop the writes): OutputLost, the driver's one message (the mid-run path: the test below)."""
+    from pipeline.errors import OutputLost
+    from pipeline.run.tracking import MetricsLogger
+
+    out = tmp_path / "run"
+    out.mkdir()
+    logger = MetricsLogger(load_config(SMOKE, ["logging.wandb=false"]), out)
+    logger.log(1, {"loss": 1.0})
+    made = subprocess.run(["mount", "--bind", str(out), str(out)], capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot bind-mount here (needs root): {made.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(out)], check=True)
+        with pytest.raises(OutputLost, match=rf"cannot write {out}/metrics.jsonl \(Read-only file system\): .*unwritable"):
+            logger.log(2, {"loss": 0.5})
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
 
 
 @pytest.mark.slow

@@ -22,6 +22,8 @@ from typing import Protocol
 
 import ray
 
+from .. import watchdog
+
 BACKENDS = ("object_store", "nccl", "ipc", "lora")
 # The learner exports in a concurrency group of its own, so that in async mode the export of version v runs next to
 # the step that follows it (that step's update waits for it: `Learner.step(hold=v)`).
@@ -111,12 +113,14 @@ class WeightSync:
     one caller's calls to an actor in order). Calls made to an engine after `deliver` land behind the new weights."""
 
     def __init__(self, backend: str, learners: list, engines: list, *, dtype: str | None, zero3: bool,
-                 source: str = "student"):
+                 source: str = "student", stall_timeout_s: float = 0):
         """`source`: what the engines get, the student (rollout engines) or the teacher phi (a teacher engine pool,
-        from its full copy on each rank: no ZeRO-3 gather, and no overlap with the step, which updates phi last)."""
+        from its full copy on each rank: no ZeRO-3 gather, and no overlap with the step, which updates phi last).
+        A push that makes no progress for `stall_timeout_s` kills the engines it waits for (actors/watchdog.py)."""
         if backend not in BACKENDS:
             raise ValueError(f"sync.backend={backend!r}: expected one of {BACKENDS}")
         self.backend, self.learners, self.engines, self.source = backend, learners, engines, source
+        self.stall_timeout_s = stall_timeout_s
         self.zero3 = zero3 and source == "student"
         # the export may run next to the learner's next step: full weights through the object store (a ZeRO-3 export
         # is a collective of every rank, which a step running at the same time would interleave with its own)
@@ -182,11 +186,22 @@ class WeightSync:
         push["transport_s"] = time.perf_counter() - t0
         push["finishes"] = [e.finish_weight_update.remote(push["version"]) for e in engines]
 
+    def _owners(self, engines: list) -> list[watchdog.Owner]:
+        pool = "teacher" if self.source == "teacher" else "rollout"
+        return [watchdog.Owner(f"{pool} engine {self.engines.index(e)}", e) for e in engines]
+
+    def _wait(self, refs: list, owners: list[watchdog.Owner]) -> list:
+        return watchdog.wait(refs, owners, self.stall_timeout_s, "the weight push")
+
     def _collect(self, push: dict) -> dict:
         self._deliver(push)
-        ray.get(push["sends"] + push["updates"])
-        stats = ray.get(push["finishes"])
-        ray.get(self.learners[0].release_weights.remote(self.source))
+        engines = self._owners(push["engines"])
+        learners = [watchdog.Owner(f"learner rank {r}", lr, restarts=False) for r, lr in enumerate(self.learners)]
+        # updates: every engine's start, then every engine's share of each payload, then (finishes) every engine's load
+        self._wait(push["sends"] + push["updates"],
+                   learners[:len(push["sends"])] + engines * (len(push["updates"]) // len(engines)))
+        stats = self._wait(push["finishes"], engines)
+        self._wait([self.learners[0].release_weights.remote(self.source)], learners[:1])
         return {"seconds": time.perf_counter() - push["t0"], "transport_s": push["transport_s"],
                 "bytes": stats[0]["bytes"] if stats else 0, "load_s": max((s["load_s"] for s in stats), default=0.0)}
 

@@ -81,7 +81,8 @@ def score_groups(engines, groups: dict[str, tuple[list[list[int]], list[Example]
     scorer = make_scorer(cfg.eval.metric, cfg.eval.regex)
     max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
     prompts = [p for ids, _ in groups.values() for p in ids]
-    outs = generate_sharded(engines, prompts, max_new_tokens=max_new, temperature=0.0)
+    outs = generate_sharded(engines, prompts, max_new_tokens=max_new, temperature=0.0,
+                           stall_timeout_s=cfg.ray.stall_timeout_s)
     texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
     res, i = {}, 0
     for name, (ids, exs) in groups.items():

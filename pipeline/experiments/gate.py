@@ -31,7 +31,8 @@ def teacher_gate(actors, train_set: list, tokenizer, cfg) -> dict:
     prompts, contexts = [ex.student_ids for ex in rows], [ex.teacher_ids for ex in rows]
     scored = score_groups(actors.engines, {"teacher": (contexts, rows), "student": (prompts, rows)}, tokenizer, cfg)
     max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    answers = generate_sharded(actors.engines, prompts, max_new_tokens=max_new, temperature=0.0)
+    answers = generate_sharded(actors.engines, prompts, max_new_tokens=max_new, temperature=0.0,
+                               stall_timeout_s=cfg.ray.stall_timeout_s)
     # Before step 1 every teacher kind is the base, so the learner's KL to the base behind the teacher context is
     # KL(teacher || student).
     kl = submit_learner_kl(actors, cfg, [(p, o.token_ids) for p, o in zip(prompts, answers)], base_contexts=contexts)

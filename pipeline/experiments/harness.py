@@ -103,7 +103,8 @@ def run_suite(engines: list, tokenizer, suite: Suite, cfg, quiet: bool = False) 
     lm_cfg = cfg.eval.lm_eval
     if lm_cfg.allow_code_execution:
         os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # HF evaluate's code_eval asks for it
-    model = EngineLM(engines, tokenizer, cfg.model.max_model_len, cfg.data.chat_template_kwargs)
+    model = EngineLM(engines, tokenizer, cfg.model.max_model_len, cfg.data.chat_template_kwargs,
+                     stall_timeout_s=cfg.ray.stall_timeout_s)
     limit = None if lm_cfg.limit is None else (int(lm_cfg.limit) if lm_cfg.limit >= 1 else lm_cfg.limit)
     seed = cfg.train.seed
     logging.getLogger("lm_eval").setLevel(logging.ERROR if quiet else logging.WARNING)
@@ -151,9 +152,11 @@ def write_results(result: dict, path: Path, extra: dict) -> Path:
 class EngineLM(TemplateLM):
     """An lm-evaluation-harness model backed by the run's vLLM engines (Ray handles of `RolloutEngine`)."""
 
-    def __init__(self, engines: list, tokenizer, max_model_len: int, template_kwargs: dict | None = None):
+    def __init__(self, engines: list, tokenizer, max_model_len: int, template_kwargs: dict | None = None,
+                 stall_timeout_s: float = 0):
         super().__init__()
         self.engines, self.tokenizer, self.template_kwargs = engines, tokenizer, template_kwargs or {}
+        self.stall_timeout_s = stall_timeout_s  # ray.stall_timeout_s (actors/watchdog.py)
         self.max_length = max_model_len - 1  # the engine's one throw-away output token needs a slot
 
     @property
@@ -184,12 +187,14 @@ class EngineLM(TemplateLM):
         return ctx[-(self.max_length - len(cont)):], cont
 
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        import ray
+        from actors import watchdog
 
         pairs = [self._fit(c, x) for c, x in pairs]
         chunks = [pairs[i:i + CHUNK] for i in range(0, len(pairs), CHUNK)]
-        refs = [self.engines[i % len(self.engines)].loglikelihood.remote(c) for i, c in enumerate(chunks)]
-        return [r for part in ray.get(refs) for r in part]
+        owners = [watchdog.Owner(f"rollout engine {i % len(self.engines)}", self.engines[i % len(self.engines)])
+                  for i in range(len(chunks))]
+        refs = [o.actor.loglikelihood.remote(c) for o, c in zip(owners, chunks)]
+        return [r for part in watchdog.wait(refs, owners, self.stall_timeout_s, "lm-eval") for r in part]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         results = self._score([(ctx, cont) for _, ctx, cont in requests])
@@ -229,7 +234,8 @@ class EngineLM(TemplateLM):
             budget = max(self.max_length - max_new, 1)
             prompts = [self.tok_encode(requests[i].args[0])[-budget:] for i in idx]
             done = generate_sharded(self.engines, prompts, max_new_tokens=min(max_new, self.max_length),
-                                    temperature=temperature, stop=[s for s in until if s])
+                                    temperature=temperature, stop=[s for s in until if s],
+                                    stall_timeout_s=self.stall_timeout_s)
             for i, c in zip(idx, done):
                 text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
                 for stop in filter(None, until):

@@ -52,7 +52,8 @@ class ForgettingMonitor:
         saved = json.loads(path.read_text()) if resume and path.exists() else {}
         if saved.get("prompts") != prompts:  # a fresh run, or the monitor set changed
             max_new = self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens
-            outs = generate_sharded(actors.engines, prompts, max_new_tokens=max_new, temperature=0.0)
+            outs = generate_sharded(actors.engines, prompts, max_new_tokens=max_new, temperature=0.0,
+                                   stall_timeout_s=self.cfg.ray.stall_timeout_s)
             saved = {"prompts": prompts, "answers": [o.token_ids for o in outs]}
             path.write_text(json.dumps(saved))
         self.sequences = list(zip(prompts, saved["answers"]))

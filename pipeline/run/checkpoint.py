@@ -34,7 +34,8 @@ RESUME_SAFE_KEYS = (
     "output_dir", "train.steps", "train.epochs", "eval", "logging", "checkpoint", "monitor", "gate",
     "sync.check_greedy", "ray.address", "ray.num_cpus", "ray.placement", "ray.learner_cpus", "ray.rollout_cpus",
     "ray.learner_threads", "ray.rollout_threads", "ray.learner_resources", "ray.rollout_resources",
-    "ray.engine_max_restarts", "teacher.check_every",
+    "ray.engine_max_restarts", "ray.stall_timeout_s", "ray.autoscaling", "ray.placement_timeout_s",
+    "teacher.check_every", "train.on_collapse", "train.max_param_growth",
 )
 
 
@@ -79,6 +80,7 @@ class Pending:
     final: Path
     saves: list  # ObjectRefs of the learners' save calls
     meta: dict  # config.yaml and trainer_state.json contents
+    learners: list  # who makes the saves, one per ref
 
 
 def start(learners: list, output_dir: Path, step: int, cfg, extra: dict) -> Pending:
@@ -91,16 +93,19 @@ def start(learners: list, output_dir: Path, step: int, cfg, extra: dict) -> Pend
     tmp.mkdir(parents=True)
     meta = {"config.yaml": yaml.safe_dump(cfg.model_dump(by_alias=True), sort_keys=False),
             "trainer_state.json": json.dumps({"step": step, **extra}, indent=1)}
-    return Pending(tmp, final, [lr.save.remote(str(tmp)) for lr in learners], meta)
+    return Pending(tmp, final, [lr.save.remote(str(tmp)) for lr in learners], meta, learners)
 
 
-def finish(pending: Pending, keep_last: int) -> Path:
-    """Wait for the learners, then publish the folder under its step_* name (a rename: all or nothing) and keep
-    the newest `keep_last`."""
+def finish(pending: Pending, keep_last: int, stall_timeout_s: float = 0) -> Path:
+    """Wait for the learners (a rank that makes no progress for `stall_timeout_s`: LearnerFailed), then publish the
+    folder under its step_* name (a rename: all or nothing) and keep the newest `keep_last`."""
     import ray
 
+    from actors import watchdog
+
     try:
-        ray.get(pending.saves)
+        watchdog.wait(pending.saves, [watchdog.Owner(f"learner rank {r}", lr, restarts=False)
+                                      for r, lr in enumerate(pending.learners)], stall_timeout_s, "a checkpoint save")
         for name, text in pending.meta.items():
             (pending.folder / name).write_text(text)
         write_manifest(pending.folder)  # last: it vouches for everything above
@@ -149,7 +154,7 @@ class Checkpoints:
 
     def _publish(self, pending: Pending) -> None:
         try:
-            self.last = str(finish(pending, self.cfg.checkpoint.keep_last))
+            self.last = str(finish(pending, self.cfg.checkpoint.keep_last, self.cfg.ray.stall_timeout_s))
         except BaseException as e:  # raised to the run by `finish`
             self._error = e
 

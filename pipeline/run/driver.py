@@ -21,6 +21,7 @@ from typing import Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from actors import watchdog
 from actors.launcher import Actors, init_ray, launch, stop_private_ray
 from actors.messages import Sample, StepMetrics
 
@@ -64,12 +65,17 @@ def idle_ratios(record: dict, num_engines: int) -> dict:
             "rollout": max(0.0, 1 - busy / (wall * max(num_engines, 1)))}
 
 
-def check_sync(actors: Actors, examples: list[Example], n: int = 2, max_new_tokens: int = 16) -> float:
+def check_sync(actors: Actors, examples: list[Example], stall_timeout_s: float = 0, n: int = 2,
+               max_new_tokens: int = 16) -> float:
     """vLLM greedy == learner (HF) greedy on a few prompts; raises if any engine disagrees."""
     prompts = [ex.student_ids for ex in examples[:n]]
-    want = ray.get(actors.learner.greedy.remote(prompts, max_new_tokens))
-    for e in actors.engines:
-        got = [o.token_ids for o in ray.get(e.generate.remote(prompts, max_new_tokens=max_new_tokens, temperature=0.0))]
+    owners = [watchdog.Owner("learner rank 0", actors.learner, restarts=False)]
+    owners += [watchdog.Owner(f"rollout engine {i}", e) for i, e in enumerate(actors.engines)]
+    refs = [actors.learner.greedy.remote(prompts, max_new_tokens)]
+    refs += [e.generate.remote(prompts, max_new_tokens=max_new_tokens, temperature=0.0) for e in actors.engines]
+    want, *answers = watchdog.wait(refs, owners, stall_timeout_s, "the greedy check")
+    for outs in answers:
+        got = [o.token_ids for o in outs]
         if got != want:
             raise SyncMismatch(f"engine greedy output {got} differs from the learner's {want} after weight sync")
     return 1.0
@@ -219,6 +225,8 @@ class Run:
                 ray.get([lr.load.remote(str(ckpt)) for lr in actors.learners])
             except checkpoint.CheckpointError as e:  # raised in a learner: drop Ray's remote traceback
                 raise checkpoint.CheckpointError(str(getattr(e, "cause", e))) from None
+        # train.max_param_growth is measured against the weights this run starts from (a collective under ZeRO-3)
+        self.param_norm0 = ray.get([lr.param_norm.remote() for lr in actors.learners])[0]
         self.logger = MetricsLogger(cfg, self.out, resume_step=state["step"] if ckpt else None,
                                     wandb_id=state.get("wandb_id"))
         if self.monitor is not None:  # before any push: the engines still hold the base weights
@@ -303,18 +311,21 @@ class Run:
                 "checkpoint.")
 
     def _check_collapse(self, step: int, metrics: StepMetrics) -> None:
-        """Loss and gradient exactly 0 after steps where they were not: the weights no longer depend on the data (a
-        diverged run whose values stayed finite, e.g. train.lr=1e6), which the non-finite guard cannot see."""
+        """A diverged run whose values stayed finite (e.g. train.lr=1e6), which the non-finite guard cannot see: the
+        parameters' norm grew beyond train.max_param_growth times its start, or loss and gradient are exactly 0 after
+        steps where they were not (the weights no longer depend on the data)."""
+        bound, growth = self.cfg.train.max_param_growth, metrics.param_norm / max(self.param_norm0, 1e-30)
         flat = metrics.loss == 0 and metrics.grad_norm == 0
-        if not flat:
-            self.moved = self.moved or bool(metrics.loss or metrics.grad_norm)
+        self.moved = self.moved or bool(metrics.loss or metrics.grad_norm)
+        if bound is not None and growth > bound:
+            message = (f"step {step + 1}: the parameters' norm grew {growth:.3g}x since the run began "
+                       f"(train.max_param_growth={bound:g}): the model collapsed")
+        elif flat and self.moved:
+            message = (f"step {step + 1}: loss and gradient norm are exactly 0 after non-zero steps: the model "
+                       "collapsed (its output no longer depends on the data)")
+        else:
             return
-        if not self.moved:
-            return
-        stop = self.cfg.train.on_collapse == "stop"
-        message = (f"step {step + 1}: loss and gradient norm are exactly 0 after non-zero steps: the model collapsed "
-                   "(its output no longer depends on the data)")
-        if not stop:
+        if self.cfg.train.on_collapse == "warn":
             logging.getLogger(__name__).warning(message)
             return
         raise TrainingDiverged(f"{message}. Last checkpoint: {self.checkpoints.settle() or 'none'}. Try a lower "
@@ -337,7 +348,8 @@ class Run:
         self.weights.start(version)
         stats = self.rollouts.wait_weights()
         if cfg.sync.check_greedy:
-            stats["greedy_match"] = check_sync(self.actors, self.train_set)
+            stats["greedy_match"] = self.rollouts.again_after_crash(
+                lambda: check_sync(self.actors, self.train_set, cfg.ray.stall_timeout_s))
         return stats
 
     def clock(self, record: dict, timings: dict, t_step: float) -> None:
@@ -355,13 +367,14 @@ class Run:
         due_lm = self.suite is not None and ((every_lm and done % every_lm == 0) or done == self.steps)
         due_monitor = self.monitor is not None and self.monitor.due(done, self.steps)
         if due_eval or due_lm or due_monitor:
+            again = self.rollouts.again_after_crash
             with self.rollouts.student_weights(version=done):
                 if due_eval:
-                    record["eval"] = self.summary["eval_after"] = self._eval()
+                    record["eval"] = self.summary["eval_after"] = again(self._eval)
                 if due_lm:
-                    record["lm_eval"] = self.summary["lm_eval_after"] = self._lm_eval(done)
+                    record["lm_eval"] = self.summary["lm_eval_after"] = again(lambda: self._lm_eval(done))
                 if due_monitor:
-                    record["monitor"] = self.monitor.measure()
+                    record["monitor"] = again(self.monitor.measure)
 
     def _eval(self) -> dict:
         return evaluate_all(self.actors.engines, self.eval_set, self.named_sets, self.tokenizer, self.cfg)

@@ -17,15 +17,15 @@ previous step, on the teacher weights the pool holds then (ema: up to k pushes o
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
+from actors import watchdog
 from actors.launcher import Actors
 from actors.messages import Completion, Sample
 from actors.rollout import submit_sharded
@@ -35,6 +35,7 @@ from ..data import Example
 from ..errors import EngineFailed
 
 RESTART_TIMEOUT_S = 600
+T = TypeVar("T")
 
 
 def sample_seeds(seed: int, step: int, n: int) -> list[int]:
@@ -76,16 +77,37 @@ class Rollouts:
         if self.cfg.engines_follow_student:
             if sync.version != version:  # sft: no push since the last eval (nothing samples in between)
                 self.wake()
-                sync.push(version)
+                sync.start(version)
+                self.wait_weights()
             sync.deliver()
             yield
             return
         self.wake()
-        sync.push(version)
+        sync.start(version)
+        self.wait_weights()
         try:
             yield
         finally:
             sync.restore_base()
+
+    def again_after_crash(self, measure: Callable[[], T]) -> T:
+        """Eval, the lm-eval suite, the monitor, the greedy check: a measurement whose engine crashed, or stalled and
+        was killed (ray.stall_timeout_s), is taken again once every engine is back at the current weights. A second
+        failure stops the run."""
+        try:
+            return measure()
+        except RayActorError as e:
+            logging.getLogger(__name__).warning("an engine failed during a measurement (%s): restarting it", e)
+        self.restarts += 1
+        self.actors.sync.abandon()
+        for i in range(len(self.actors.engines)):
+            self._await_engine(i)
+        if self.actors.sync.version:
+            self.actors.sync.resync(list(range(len(self.actors.engines))))
+        try:
+            return measure()
+        except RayActorError as e:
+            raise EngineFailed(f"a measurement failed again after its engines were restarted: {e}") from None
 
     def wait_weights(self) -> dict:
         """The stats of the weight push in flight ({} if none); engines that died under it are awaited and
@@ -93,6 +115,7 @@ class Rollouts:
         try:
             return self.actors.sync.wait()
         except RayActorError:
+            self.restarts += 1
             self.actors.sync.abandon()
             for i in range(len(self.actors.engines)):
                 self._await_engine(i)
@@ -113,14 +136,9 @@ class Rollouts:
                     raise EngineFailed(f"{pool} engine {i} did not come back within {RESTART_TIMEOUT_S}s") from None
                 time.sleep(1)
 
-    def _kill_stalled(self, i: int) -> None:
-        """An engine that answered nothing for ray.stall_timeout_s (hung, stopped): killed, so that Ray restarts it and
-        the crash path takes over."""
-        message = (f"rollout engine {i} made no progress for {self.cfg.ray.stall_timeout_s:.0f}s "
-                   "(ray.stall_timeout_s): killing it; it restarts and is re-synced")
-        logging.getLogger(__name__).warning(message)
-        print(f"sdft: {message}", file=sys.stderr)
-        ray.kill(self.actors.engines[i], no_restart=False)
+    def _wait(self, ref, label: str, engine, what: str):
+        """One engine call's result; a stall kills the engine (actors/watchdog.py), and the call raises RayActorError."""
+        return watchdog.wait([ref], [watchdog.Owner(label, engine)], self.cfg.ray.stall_timeout_s, what)[0]
 
     def _recover(self, i: int) -> None:
         """A crashed engine restarts from the base weights: bring it to the current version before reuse."""
@@ -161,11 +179,9 @@ class Rollouts:
         for k, (i, idx, ref) in enumerate(job.shards):
             while True:
                 try:
-                    results = ray.get(ref, timeout=self.cfg.ray.stall_timeout_s or None)
+                    results = self._wait(ref, f"rollout engine {i}", self.actors.engines[i], "generation")
                     break
-                except (RayActorError, GetTimeoutError) as e:  # crashed or stalled: restart, re-sync, same seeds again
-                    if isinstance(e, GetTimeoutError):
-                        self._kill_stalled(i)
+                except RayActorError:  # crashed, or stalled and killed: restart, re-sync, same seeds again
                     self._recover(i)
                     engine = self.actors.engines[i]
                     contexts = [job.prompts[j].teacher_ids for j in idx] if self._scored_here() else None
@@ -185,7 +201,7 @@ class Rollouts:
         t, ref = job.scores[k]
         while True:
             try:
-                return ray.get(ref)
+                return self._wait(ref, f"teacher engine {t}", self.actors.teachers[t], "teacher scoring")
             except RayActorError:
                 self._recover_teachers([t])
                 ref = self.actors.teachers[t].score.remote([job.prompts[j].teacher_ids for j in idx], results)
