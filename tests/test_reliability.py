@@ -241,6 +241,38 @@ def test_unexpected_error_is_one_line_with_the_traceback_in_driver_log(tmp_path,
     assert "Traceback (most recent call last)" in text and "second line" in text and "in launch" in text
 
 
+# more steps than run before the signal (the tiny model trains at ~10 steps/s): the stop lands mid-run
+RUN_ARGS = ["train.batch_size=4", "train.micro_batch_size=2", "rollout.max_new_tokens=8", "eval.max_new_tokens=4",
+            "data.eval_size=2", "ray.num_cpus=2", "checkpoint.every=1", "logging.wandb=false"]
+
+
+def _run_in_background(tmp_path: Path, tmp: Path, args: list[str]) -> subprocess.Popen:
+    """`sdft train ...` as its own process (and process group, with the Ray instance it starts), TMPDIR `tmp`;
+    returns once it has published a checkpoint."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TMPDIR": str(tmp)}
+    err_file, out = tmp_path / "stderr.txt", Path(args[args.index("--output") + 1])
+    with err_file.open("w") as err, (tmp_path / "stdout.txt").open("w") as stdout:
+        # a terminal's Ctrl-C, also when these tests run in a background job (which starts with SIGINT ignored,
+        # and a Python that starts so never raises KeyboardInterrupt)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, stdout=stdout,
+                                stderr=err, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 600
+    while not list(out.glob("step_*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)  # a published checkpoint: step 1 is logged to metrics.jsonl and saved
+    assert proc.poll() is None, err_file.read_text()[-3000:]
+    return proc
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """The run's process and everything it started (its private Ray instance), by process group."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 def test_ctrl_c_stops_with_one_line_and_a_resume_command(tmp_path, capsys, signum):
@@ -248,33 +280,19 @@ def test_ctrl_c_stops_with_one_line_and_a_resume_command(tmp_path, capsys, signu
     run into it, even with --resume, is refused in one line."""
     tmp = Path(tempfile.mkdtemp(prefix="sdft-t-", dir="/tmp"))  # the run's TMPDIR (short, for Ray's sockets)
     out = tmp_path / "run"
-    # more steps than run before the signal (the tiny model trains at ~10 steps/s): the interrupt lands mid-run
-    args = ["train", SMOKE, "--output", str(out), "--steps", "400", "train.batch_size=4", "train.micro_batch_size=2",
-            "rollout.max_new_tokens=8", "eval.max_new_tokens=4", "data.eval_size=2", "ray.num_cpus=2",
-            "checkpoint.every=1", "logging.wandb=false"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TMPDIR": str(tmp)}
-    err_file = tmp_path / "stderr.txt"
-    with err_file.open("w") as err, (tmp_path / "stdout.txt").open("w") as stdout:
-        # a terminal's Ctrl-C, also when these tests run in a background job (which starts with SIGINT ignored,
-        # and a Python that starts so never raises KeyboardInterrupt)
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, stdout=stdout,
-                                stderr=err, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    args = ["train", SMOKE, "--output", str(out), "--steps", "400", *RUN_ARGS]
+    proc = _run_in_background(tmp_path, tmp, args)
     try:
-        deadline = time.monotonic() + 600
-        while not list(out.glob("step_*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)  # a published checkpoint: step 1 is logged to metrics.jsonl and saved
-        assert proc.poll() is None, err_file.read_text()[-3000:]
         assert cli_main(["train", SMOKE, "--output", str(out), "--resume"]) == 2
         assert "is in use by a run that is still alive (pid" in _one_line(capsys)
-        proc.send_signal(signum)
+        os.kill(proc.pid, signum)
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            _stop_group(proc)
         left = list(tmp.glob("sdft-ray-*"))
         shutil.rmtree(tmp, ignore_errors=True)
-    stderr = err_file.read_text()
+    stderr = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
@@ -283,3 +301,25 @@ def test_ctrl_c_stops_with_one_line_and_a_resume_command(tmp_path, capsys, signu
     assert int(m[1]) >= 1 and m[2] == shlex.join(args) and (out / m[3] / "trainer_state.json").exists()
     assert int(m[3].removeprefix("step_")) <= int(m[1])
     assert left == []  # the private instance's temp dir is gone after an interrupt too
+
+
+@pytest.mark.slow
+def test_a_killed_driver_loses_nothing(tmp_path, capsys):
+    """SIGKILL of the driver (and its Ray instance) mid-run, while it writes metrics.jsonl and checkpoints every step:
+    --resume takes the dead run's lock over, continues from the newest published checkpoint, and metrics.jsonl holds
+    each step once, every line whole."""
+    tmp = Path(tempfile.mkdtemp(prefix="sdft-t-", dir="/tmp"))
+    out = tmp_path / "run"
+    proc = _run_in_background(tmp_path, tmp, ["train", SMOKE, "--output", str(out), "--steps", "400", *RUN_ARGS])
+    try:
+        time.sleep(1.0)  # a few steps more: the kill lands anywhere in a step, a write or a checkpoint
+        _stop_group(proc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    resumed_from = max(int(p.name.removeprefix("step_")) for p in out.glob("step_*"))
+    steps = resumed_from + 2
+    assert cli_main(["train", SMOKE, "--output", str(out), "--resume", "--steps", str(steps), *RUN_ARGS]) == 0
+    err = capsys.readouterr().err
+    assert f"taking over {out}: its previous run (pid {proc.pid} on" in err, err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))
