@@ -1,8 +1,8 @@
 """Two hosts for real: two network namespaces joined by a veth pair (addresses of a private range, created and
-removed here), a Ray head in one and a worker in the other, each with addresses that are not loopback. A run with a
-learner rank on each host (their gloo group and DeepSpeed rendezvous across the pair) and the engine on the worker,
-the greedy check after every weight sync, then `ray job submit` from the head. Needs root for the namespaces; skipped
-with the reason where they cannot be made."""
+removed here), a Ray head in one and a worker in the other, each with addresses that are not loopback. `sdft train`
+submitted with `ray job submit` from the head, with a learner rank on each host (their gloo group and DeepSpeed
+rendezvous across the pair) and the engine on the worker, the greedy check after every weight sync. Needs root for
+the namespaces; skipped with the reason where they cannot be made."""
 
 from __future__ import annotations
 
@@ -105,33 +105,40 @@ class TwoHosts:
             shutil.rmtree(temp, ignore_errors=True)
 
 
+def _ray_list(hosts: TwoHosts, what: str) -> list[dict]:
+    """`ray list actors|nodes` of the cluster, from the head (Ray's state API: dead actors included)."""
+    r = hosts.exec("head", [str(BIN / "ray"), "list", what, "--address", f"http://{hosts.ip['head']}:{DASHBOARD}",
+                            "--format", "json", "--detail", "--limit", "1000"], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(_cannot_make_namespaces() is not None, reason=str(_cannot_make_namespaces()))
-def test_two_hosts_train_and_job_submit(tmp_path):
+def test_two_hosts_train_by_job_submit(tmp_path):
+    """`sdft train` submitted with `ray job submit` from the head: a learner rank on each host, the engine on the
+    worker, the greedy check after every sync; where each actor ran comes from Ray's state API."""
     with TwoHosts() as hosts:
-        run = hosts.exec("head", [sys.executable, str(ROOT / "tests" / "two_hosts_run.py"), str(SMOKE),
-                                  str(tmp_path / "run")], env={"RAY_ADDRESS": f"{hosts.ip['head']}:{PORT}"},
-                         timeout=900)
-        lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-        assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-4000:]
-        placed = json.loads(lines[-1].removeprefix("RESULT "))
-        assert sorted(placed["learners"]) == sorted(hosts.ip.values())  # a learner rank on each host
-        assert placed["engines"] == [hosts.ip["worker"]]
-        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in records if "loss" in r]
-        assert [r["step"] for r in steps] == [1, 2]
-        assert all(r["sync"]["greedy_match"] == 1.0 for r in steps)  # the engine on the worker holds the new weights
-        out = tmp_path / "job-out"
+        out = tmp_path / "run"
         submit = [str(BIN / "ray"), "job", "submit", "--address", f"http://{hosts.ip['head']}:{DASHBOARD}",
                   "--working-dir", str(ROOT), "--", "sdft", "train", "configs/smoke.yaml", "--output", str(out),
-                  "--steps", "2", "logging.progress=false", "train.batch_size=4", "train.micro_batch_size=2",
-                  "rollout.max_new_tokens=8", "data.eval_size=2", "eval.max_new_tokens=4",
-                  "ray.rollout_resources={worker: 1}"]
+                  "--steps", "2", "logging.progress=false", "train.batch_size=4", "train.micro_batch_size=1",
+                  "rollout.max_new_tokens=8", "data.eval_size=2", "eval.max_new_tokens=4", "ray.learner_ranks=2",
+                  "ray.learner_resources={learner_slot: 1}", "ray.rollout_resources={worker: 1}",
+                  "sync.check_greedy=true"]
         for _ in range(15):  # the head's job agent takes a few seconds to come up after `ray start`
             r = hosts.exec("head", submit, timeout=900)
             if "No available agent" not in r.stderr:
                 break
             time.sleep(2)
         assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
-        assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-                if "loss" in json.loads(line)] == [1, 2]
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in records if "loss" in r]
+        assert [r["step"] for r in steps] == [1, 2]
+        assert all(r["sync"]["greedy_match"] == 1.0 for r in steps)  # the engine on the worker holds the new weights
+        address = {n["node_id"]: n["node_ip"] for n in _ray_list(hosts, "nodes")}
+        placed = {}
+        for actor in _ray_list(hosts, "actors"):
+            placed.setdefault(actor["class_name"], []).append(address[actor["node_id"]])
+        assert sorted(placed["Learner"]) == sorted(hosts.ip.values())  # a learner rank on each host
+        assert placed["RolloutEngine"] == [hosts.ip["worker"]]
