@@ -42,8 +42,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/sdft compare configs/toy.yaml --output runs/demo --overwrite --methods sft,dft,sdft
 
+# Two test files at a time (pytest-xdist, a file per worker: its fixtures stay in one process): the end-to-end tests
+# wait on process start-up and stall timeouts as much as they compute, so two of them share the 2 CPUs well.
 test: setup
-	$(BIN)/python -m pytest -v -rs --durations=15 tests
+	$(BIN)/python -m pytest -v -rs --durations=15 -n 2 --dist loadfile tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
