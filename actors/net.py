@@ -21,8 +21,9 @@ def _ephemeral_start() -> int:
 
 def free_port(host: str = "") -> int:
     """A port free on `host` right now ("" = every interface, for peers on other nodes), to be listened on a few
-    seconds later by a process starting up. It is drawn below the kernel's ephemeral range: a port from bind(0) could
-    be taken meanwhile by any outgoing connection of the node (Ray makes many), one below it only by another listener."""
+    seconds later by a process starting up. It is drawn below the kernel's ephemeral range: a port from bind(0)
+    could be taken meanwhile by any outgoing connection of the node (Ray makes many), one below it only by another
+    listener."""
     end = _ephemeral_start()
     pick = random.SystemRandom()  # not the global generator, which a run seeds alike in every process
     candidates = pick.sample(range(FIRST_PORT, end), min(64, end - FIRST_PORT)) if end > FIRST_PORT else []

@@ -1,7 +1,7 @@
 """The driver's waits on actor calls, bounded by ray.stall_timeout_s, so that a hung or stopped actor is a message and
 not a silent hang. An engine whose call makes no progress for that long is killed: Ray restarts it, and the call
 raises RayActorError, which the caller's crash path handles (restart, re-sync, ask again). A learner rank cannot be
-restarted: its stall stops the run (LearnerFailed). A bound of 0 waits forever."""
+restarted: its stall stops the run (LearnerStalled). A bound of 0 waits forever."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import NamedTuple
 import ray
 from ray.exceptions import GetTimeoutError
 
-from pipeline.errors import LearnerFailed
+from pipeline.errors import LearnerStalled
 
 
 class Owner(NamedTuple):
@@ -34,8 +34,8 @@ def wait(refs: list, owners: list[Owner], timeout_s: float, what: str) -> list:
     stalled = list({o.label: o for ref, o in zip(refs, owners) if ref in late}.values())
     engines = [o for o in stalled if o.restarts]  # first: a learner may be waiting on them (an nccl send)
     if not engines:
-        raise LearnerFailed(f"{stalled[0].label} made no progress for {timeout_s:.0f}s (ray.stall_timeout_s) in "
-                            f"{what}: the run stops; continue from the last checkpoint with `sdft train ... --resume`.")
+        raise LearnerStalled(f"{stalled[0].label} made no progress for {timeout_s:.0f}s (ray.stall_timeout_s) in "
+                             f"{what}: the run stops.")
     for o in engines:
         message = (f"{o.label} made no progress for {timeout_s:.0f}s (ray.stall_timeout_s) in {what}: killing it; it "
                    "restarts and is re-synced")

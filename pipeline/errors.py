@@ -65,6 +65,11 @@ class LearnerFailed(RunFailed, RuntimeError):
     """A learner rank died or raised during a step."""
 
 
+class LearnerStalled(LearnerFailed):
+    """A learner rank made no progress for ray.stall_timeout_s outside its step (a weight export, a save, a greedy
+    check); the driver adds the last checkpoint to the message."""
+
+
 class EngineFailed(RunFailed, RuntimeError):
     """A rollout engine could not be restarted or kept failing."""
 

@@ -199,16 +199,30 @@ def test_checkpoint_is_published_when_written(tmp_path, ray_session):
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000002", "step_000004", "step_000005"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stalled"])
-def test_learner_failure_ends_run_with_message_and_checkpoint(tmp_path, ray_session, signum):
-    """A learner rank that dies, or stops making progress (ray.stall_timeout_s), ends the run naming the last
-    checkpoint, which is usable."""
-    def kill_learner(step, actors):
-        if step == 2:
-            os.kill(ray.get(actors.learner.node.remote())["pid"], signum)
+@pytest.mark.parametrize("signum, where", [(signal.SIGKILL, "step"), (signal.SIGSTOP, "step"), (signal.SIGSTOP, "push")],
+                         ids=["killed", "stalled", "stalled-in-push"])
+def test_learner_failure_ends_run_with_message_and_checkpoint(tmp_path, ray_session, monkeypatch, signum, where):
+    """A learner rank that dies, or stops making progress (ray.stall_timeout_s) in its step or in the weight push
+    after it, ends the run naming the last checkpoint, which is usable."""
+    from pipeline.run.driver import Run
 
-    with pytest.raises(LearnerFailed, match=r"step 3 .*step_000002.*--resume"):
-        train(_cfg(tmp_path, "train.steps=4", "checkpoint.every=2", "ray.stall_timeout_s=15"), on_step=kill_learner)
+    def stop_learner(actors):
+        os.kill(ray.get(actors.learner.node.remote())["pid"], signum)
+
+    expect = r"step 3 .*step_000002.*--resume"
+    if where == "push":
+        publish = Run.publish
+
+        def publish_after_a_stall(self, version):
+            if version == 3:
+                stop_learner(self.actors)
+            return publish(self, version=version)
+        monkeypatch.setattr(Run, "publish", publish_after_a_stall)
+        expect = (r"learner rank 0 made no progress for 10s \(ray.stall_timeout_s\) in the weight push: the run stops. "
+                  r"Last complete checkpoint: .*step_000002; continue with `sdft train ... --resume`")
+    with pytest.raises(LearnerFailed, match=expect):
+        train(_cfg(tmp_path, "train.steps=4", "checkpoint.every=2", "ray.stall_timeout_s=10"),
+              on_step=lambda step, actors: where == "step" and step == 2 and stop_learner(actors))
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "step_000002" / "model")  # usable

@@ -22,6 +22,8 @@ from typing import Protocol
 
 import ray
 
+from pipeline.errors import LearnerStalled
+
 from .. import watchdog
 
 BACKENDS = ("object_store", "nccl", "ipc", "lora")
@@ -182,7 +184,8 @@ class WeightSync:
             return
         t0, engines = time.perf_counter(), push["engines"]
         push["updates"] = [e.start_weight_update.remote() for e in engines]
-        push["updates"] += [e.update_weights.remote(ref) for ref in push["stream"] for e in engines]
+        for ref in self._payloads(push):
+            push["updates"] += [e.update_weights.remote(ref) for e in engines]
         push["transport_s"] = time.perf_counter() - t0
         push["finishes"] = [e.finish_weight_update.remote(push["version"]) for e in engines]
 
@@ -193,14 +196,29 @@ class WeightSync:
     def _wait(self, refs: list, owners: list[watchdog.Owner]) -> list:
         return watchdog.wait(refs, owners, self.stall_timeout_s, "the weight push")
 
+    def _payloads(self, push: dict) -> Iterator:
+        """The learner's export as it streams. One that yields nothing for stall_timeout_s: the engines it may be
+        waiting on (nccl) are checked first (stalled ones are killed: RayActorError), else learner rank 0 stalled."""
+        stream = push["stream"]
+        while True:
+            if self.stall_timeout_s and not ray.wait([stream], timeout=self.stall_timeout_s)[0]:
+                self._wait(push["updates"], self._update_owners(push))
+                raise LearnerStalled(f"learner rank 0 made no progress for {self.stall_timeout_s:.0f}s "
+                                     "(ray.stall_timeout_s) in the weight push: the run stops.")
+            try:
+                yield next(stream)
+            except StopIteration:
+                return
+
+    def _update_owners(self, push: dict) -> list[watchdog.Owner]:
+        """push["updates"]: every engine's start, then every engine's share of each payload."""
+        return self._owners(push["engines"]) * (len(push["updates"]) // len(push["engines"]))
+
     def _collect(self, push: dict) -> dict:
         self._deliver(push)
-        engines = self._owners(push["engines"])
         learners = [watchdog.Owner(f"learner rank {r}", lr, restarts=False) for r, lr in enumerate(self.learners)]
-        # updates: every engine's start, then every engine's share of each payload, then (finishes) every engine's load
-        self._wait(push["sends"] + push["updates"],
-                   learners[:len(push["sends"])] + engines * (len(push["updates"]) // len(engines)))
-        stats = self._wait(push["finishes"], engines)
+        self._wait(push["sends"] + push["updates"], learners[:len(push["sends"])] + self._update_owners(push))
+        stats = self._wait(push["finishes"], self._owners(push["engines"]))
         self._wait([self.learners[0].release_weights.remote(self.source)], learners[:1])
         return {"seconds": time.perf_counter() - push["t0"], "transport_s": push["transport_s"],
                 "bytes": stats[0]["bytes"] if stats else 0, "load_s": max((s["load_s"] for s in stats), default=0.0)}

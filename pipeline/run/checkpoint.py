@@ -97,7 +97,7 @@ def start(learners: list, output_dir: Path, step: int, cfg, extra: dict) -> Pend
 
 
 def finish(pending: Pending, keep_last: int, stall_timeout_s: float = 0) -> Path:
-    """Wait for the learners (a rank that makes no progress for `stall_timeout_s`: LearnerFailed), then publish the
+    """Wait for the learners (a rank that makes no progress for `stall_timeout_s`: LearnerStalled), then publish the
     folder under its step_* name (a rename: all or nothing) and keep the newest `keep_last`."""
     import ray
 

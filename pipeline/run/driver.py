@@ -27,7 +27,7 @@ from actors.messages import Sample, StepMetrics
 
 from ..config import MAX_CONSECUTIVE_SKIPS, Config
 from ..data import Example, batch_indices, data_fingerprints, load_splits
-from ..errors import ForgettingLimit, LearnerFailed, SyncMismatch, TrainingDiverged
+from ..errors import ForgettingLimit, LearnerFailed, LearnerStalled, SyncMismatch, TrainingDiverged
 from ..experiments import gate
 from ..experiments.evaluation import check_metric, evaluate_all, load_eval_sets
 from ..experiments.monitor import ForgettingMonitor
@@ -159,6 +159,7 @@ def _train(cfg: Config, resume: bool | str, on_step: Callable[[int, Actors], Non
     suite = _lm_eval_suite(cfg)
     state = checkpoint.trainer_state(ckpt) if ckpt else {"step": 0}
     actors, log_file, inputs = _start(cfg, model_path, state["step"], out.resolve() / "logs")
+    run = None
     try:
         run = Run(cfg, actors, out, inputs, t_start, suite, prints)
         run.begin(ckpt, state)
@@ -180,6 +181,10 @@ def _train(cfg: Config, resume: bool | str, on_step: Callable[[int, Actors], Non
             if on_step is not None:
                 on_step(step + 1, actors)
         return run.end()
+    except LearnerStalled as e:  # outside a step (a weight export, a save, a greedy check): name where to resume
+        last = run.checkpoints.last if run is not None and run.checkpoints is not None else None
+        raise LearnerFailed(f"{e} Last complete checkpoint: {last or 'none'}; continue with `sdft train ... "
+                            "--resume`.") from None
     finally:
         actors.shutdown()
         logging.getLogger().removeHandler(log_file)
@@ -208,6 +213,7 @@ class Run:
         self.weights = actors.sync  # the weight path's owner (actors/weight_sync)
         self.skipped_in_a_row = 0  # train.on_nonfinite=skip
         self.moved = False  # a step with a non-zero loss or gradient was seen (train.on_collapse)
+        self.checkpoints: checkpoint.Checkpoints | None = None  # from `begin`, which knows the checkpoint resumed
 
     def batch(self, step: int) -> list[Example]:
         cfg = self.cfg

@@ -137,7 +137,7 @@ class Rollouts:
                 time.sleep(1)
 
     def _wait(self, ref, label: str, engine, what: str):
-        """One engine call's result; a stall kills the engine (actors/watchdog.py), and the call raises RayActorError."""
+        """One engine call's result; a stall kills the engine (actors/watchdog.py): the call raises RayActorError."""
         return watchdog.wait([ref], [watchdog.Owner(label, engine)], self.cfg.ray.stall_timeout_s, what)[0]
 
     def _recover(self, i: int) -> None:
