@@ -103,5 +103,5 @@ class OutputLost(RunFailed, RuntimeError):
 
 
 USER_ERRORS = (ConfigError, DataError, EvalError, ModelNotFound, OutputError, CheckpointError)
-RUN_FAILURES = (LearnerFailed, EngineFailed, PlacementError, SyncMismatch, TrainingDiverged, ForgettingLimit,
-                TeacherGateFailed, CheckpointWriteFailed, OutputLost)
+RUN_FAILURES = (LearnerFailed, LearnerStalled, EngineFailed, PlacementError, SyncMismatch, TrainingDiverged,
+                ForgettingLimit, TeacherGateFailed, CheckpointWriteFailed, OutputLost)

@@ -12,8 +12,8 @@ from pipeline.cli import main as cli_main
 ROOT = Path(__file__).resolve().parent.parent
 
 USER = ["ConfigError", "DataError", "EvalError", "ModelNotFound", "OutputError", "CheckpointError"]
-RUN = ["LearnerFailed", "EngineFailed", "PlacementError", "SyncMismatch", "TrainingDiverged", "ForgettingLimit",
-       "TeacherGateFailed", "CheckpointWriteFailed", "OutputLost"]
+RUN = ["LearnerFailed", "LearnerStalled", "EngineFailed", "PlacementError", "SyncMismatch", "TrainingDiverged",
+       "ForgettingLimit", "TeacherGateFailed", "CheckpointWriteFailed", "OutputLost"]
 
 
 @pytest.mark.parametrize("name", USER)
